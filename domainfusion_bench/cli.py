@@ -1,0 +1,81 @@
+"""The ``dfbench`` command. Parsing only: every subcommand calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from domainfusion_bench.errors import DfbenchError
+
+
+def _train_parser(sub) -> None:
+    from domainfusion_bench.training import TrainArgs
+
+    d = TrainArgs()
+    p = sub.add_parser("train", help="train one run (DomainBed's train.py flags)")
+    p.add_argument("--data_dir", default=d.data_dir, help="root of the datasets (default: %(default)s, or $DFBENCH_DATA)")
+    p.add_argument("--dataset", default=d.dataset, help="registered name, or folder:<path> (see `dfbench list`)")
+    p.add_argument("--algorithm", default=d.algorithm)
+    p.add_argument("--test_envs", type=int, nargs="+", default=d.test_envs, help="held-out domain indices")
+    p.add_argument("--hparams", default=None, help='JSON overrides, e.g. \'{"lr": 1e-4}\'')
+    p.add_argument("--hparams_seed", type=int, default=d.hparams_seed, help="0 = defaults, else a random draw")
+    p.add_argument("--trial_seed", type=int, default=d.trial_seed, help="seeds the splits and the hparam draw")
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds everything else")
+    p.add_argument("--steps", type=int, default=None, help="default: the dataset's (5001)")
+    p.add_argument("--checkpoint_freq", type=int, default=None, help="default: the dataset's (300, 100 MNIST-sized)")
+    p.add_argument("--holdout_fraction", type=float, default=d.holdout_fraction)
+    p.add_argument("--output_dir", default=d.output_dir)
+    p.add_argument("--skip_model_save", action="store_true")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels, no cudnn autotuning")
+    p.add_argument("--eval_splits", choices=["needed", "all"], default=d.eval_splits,
+                   help="needed: only what model selection reads; all: every in/out split")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision, help="auto: bf16 on CUDA")
+    p.add_argument("--num_workers", type=int, default=None, help="data workers shared by all domains")
+    p.add_argument("--eval_batch_size", type=int, default=None)
+    p.add_argument("--plugins", nargs="*", default=[], help="Python files that register algorithms")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(ns) -> None:
+    from domainfusion_bench.training import TrainArgs, train
+
+    fields = {f.name for f in dataclasses.fields(TrainArgs)}
+    train(TrainArgs(**{k: v for k, v in vars(ns).items() if k in fields}))
+
+
+def _list_parser(sub) -> None:
+    p = sub.add_parser("list", help="algorithms, datasets (domains, sizes) and what each needs")
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--plugins", nargs="*", default=[])
+    p.set_defaults(func=_run_list)
+
+
+def _run_list(ns) -> None:
+    from domainfusion_bench.catalog import print_catalog
+
+    print_catalog(ns.data_dir, ns.plugins)
+
+
+PARSERS = [_list_parser, _train_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dfbench", description="DomainBed-compatible DG benchmark harness")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in PARSERS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    ns = build_parser().parse_args(argv)
+    try:
+        ns.func(ns)
+    except DfbenchError as err:
+        print(f"dfbench {ns.command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"dfbench {ns.command}: interrupted", file=sys.stderr)
+        sys.exit(130)

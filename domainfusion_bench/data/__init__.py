@@ -1,0 +1,31 @@
+"""Datasets behind one MultiDomainDataset API; importing this package registers them all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from domainfusion_bench.data import embedded, folder, mnist  # noqa: F401  (registers datasets)
+from domainfusion_bench.data.base import DATASETS, MultiDomainDataset, register_dataset
+from domainfusion_bench.data.folder import FolderDataset, ImageFolderDataset
+
+FOLDER_PREFIX = "folder:"
+
+
+def dataset_class(name: str) -> type[MultiDomainDataset]:
+    """The class behind a dataset name, without loading data (hyperparameters need only this)."""
+    if name.startswith(FOLDER_PREFIX):
+        return FolderDataset
+    return DATASETS.get(name)
+
+
+def get_dataset(name: str, data_dir: str | Path) -> MultiDomainDataset:
+    """Load ``name`` from ``data_dir``; ``folder:<path>`` loads any folder in DomainBed's layout."""
+    if name.startswith(FOLDER_PREFIX):
+        return FolderDataset(name[len(FOLDER_PREFIX):])
+    cls = DATASETS.get(name)
+    if issubclass(cls, ImageFolderDataset):
+        return cls.from_data_dir(data_dir)
+    return cls(data_dir)
+
+
+__all__ = ["DATASETS", "MultiDomainDataset", "register_dataset", "dataset_class", "get_dataset"]

@@ -1,0 +1,55 @@
+"""The MultiDomainDataset API: a list of domains, each a torch Dataset of (x, y) with shared classes."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from torch.utils.data import Dataset
+
+from domainfusion_bench.registry import Registry
+
+
+class MultiDomainDataset:
+    """One DG dataset: ``envs[i]`` holds domain ``domains[i]``; every domain has the same classes.
+
+    Subclasses set the class attributes and fill ``envs`` (and ``classes``) in ``__init__``.
+    ``envs[i][k]`` returns a *raw* example (a PIL image or a tensor) and its label; the trainer picks
+    the transform (augmented for training splits, plain for evaluation).
+    """
+
+    DOMAINS: Sequence[str] = ()  # the fixed domain list, checked against what is on disk
+    N_STEPS = 5001
+    CHECKPOINT_FREQ = 300
+    SMALL_IMAGES = False  # MNIST-sized: DomainBed's small-image hyperparameters and checkpoint rate
+    NEEDS = "nothing"  # shown by `dfbench list`: what a user must provide
+    CNN_WIDTH = 128  # default width of the small CNN (DomainBed's MNIST network)
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    classes: list[str]
+    domains: list[str]
+    envs: list[Dataset]
+
+    def __len__(self) -> int:
+        return len(self.envs)
+
+    def __getitem__(self, index: int) -> Dataset:
+        return self.envs[index]
+
+    @property
+    def name(self) -> str:
+        return getattr(type(self), "registered_name", type(self).__name__)
+
+    def train_transform(self, augment: bool) -> Callable | None:
+        """Transform for training splits (``None``: examples are model-ready tensors already)."""
+        return None
+
+    def eval_transform(self) -> Callable | None:
+        return None
+
+    def sizes(self) -> list[int]:
+        return [len(env) for env in self.envs]
+
+
+DATASETS: Registry[type[MultiDomainDataset]] = Registry("dataset")
+register_dataset = DATASETS.register

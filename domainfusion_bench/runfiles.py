@@ -1,0 +1,93 @@
+"""The files of a run directory, written so that a crash never leaves a half-truth behind.
+
+``results.jsonl`` one record per checkpoint; ``done`` written last and atomically; ``failed`` holds the
+reason a run crashed; ``lock`` says which process runs it (and its heartbeat); ``resume.pt`` the state
+a relaunch continues from; ``splits.json`` the exact in/out indices of every domain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+RESULTS = "results.jsonl"
+DONE = "done"
+FAILED = "failed"
+LOCK = "lock"
+RESUME = "resume.pt"
+SPLITS = "splits.json"
+MODEL = "model.pkl"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_record(run_dir: Path, record: dict[str, Any]) -> None:
+    """One JSON line, keys sorted, flushed to disk before the run goes on."""
+    with open(run_dir / RESULTS, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Records of a results.jsonl and the number of lines skipped (truncated or not JSON)."""
+    records, skipped = [], 0
+    if not path.exists():
+        return records, skipped
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                skipped += 1
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                skipped += 1
+    return records, skipped
+
+
+def keep_records_through(run_dir: Path, last_step: int) -> None:
+    """On resume: drop records after the resumed checkpoint (and any half-written line)."""
+    path = run_dir / RESULTS
+    records, _ = read_records(path)
+    kept = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= last_step]
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+
+def write_lock(run_dir: Path) -> None:
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    atomic_write_text(run_dir / LOCK, json.dumps(info))
+
+
+def heartbeat(run_dir: Path) -> None:
+    lock = run_dir / LOCK
+    if lock.exists():
+        os.utime(lock)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def iter_run_dirs(root: Path) -> Iterator[Path]:
+    """Every directory below ``root`` that holds a results.jsonl."""
+    for path in sorted(Path(root).rglob(RESULTS)):
+        yield path.parent

@@ -1,0 +1,371 @@
+"""One training run, DomainBed's loop: a minibatch from every training domain per step, evaluation
+and one record per checkpoint, a resume point after each record, ``done`` last.
+
+The trainer owns devices, precision and distribution (through accelerate); it does not know which
+algorithm it runs beyond the ``Algorithm`` API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from domainfusion_bench import runfiles
+from domainfusion_bench.algorithms import ALGORITHMS, Algorithm, algorithm_space, load_plugins
+from domainfusion_bench.costs import CostMeter
+from domainfusion_bench.data import MultiDomainDataset, dataset_class, get_dataset
+from domainfusion_bench.data.loaders import SplitDataset, eval_batches, training_batches
+from domainfusion_bench.errors import DfbenchError
+from domainfusion_bench.hparams import apply_overrides, parse_hparams_json
+from domainfusion_bench.protocol import HOLDOUT_FRACTION, split_indices
+
+DEFAULT_DATA_DIR = os.environ.get("DFBENCH_DATA", "datasets")
+
+
+@dataclass
+class TrainArgs:
+    """DomainBed's train.py flags, plus dfbench's. ``asdict`` of this is the record's ``args``."""
+
+    dataset: str = "RotatedDigits"
+    algorithm: str = "ERM"
+    test_envs: list[int] = field(default_factory=lambda: [0])
+    data_dir: str = DEFAULT_DATA_DIR
+    output_dir: str = "results/train"
+    hparams: str | None = None  # JSON overrides
+    hparams_seed: int = 0
+    trial_seed: int = 0
+    seed: int = 0
+    steps: int | None = None  # default: the dataset's N_STEPS
+    checkpoint_freq: int | None = None  # default: the dataset's CHECKPOINT_FREQ
+    holdout_fraction: float = HOLDOUT_FRACTION
+    skip_model_save: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    deterministic: bool = False
+    eval_splits: str = "needed"  # needed | all
+    precision: str = "auto"  # auto (bf16 on CUDA) | bf16 | fp32
+    num_workers: int | None = None  # one pool for all training domains; default min(8, cores)
+    eval_batch_size: int | None = None
+    plugins: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainingContext:
+    """What ``Algorithm.prepare`` may use: the data it is allowed to see, and where to account cost."""
+
+    dataset: MultiDomainDataset
+    train_envs: list[int]
+    test_envs: list[int]
+    train_splits: list[SplitDataset]  # in-splits of the training domains, training transform applied
+    hparams: dict[str, Any]
+    args: TrainArgs
+    device: torch.device
+    costs: CostMeter
+    cache_dir: Path
+
+
+def resolve_hparams(args: TrainArgs) -> dict[str, Any]:
+    space = algorithm_space(args.algorithm, dataset_class(args.dataset))
+    hparams = space.sample(args.hparams_seed, args.trial_seed)
+    where = f"{args.algorithm} on {args.dataset}"
+    return apply_overrides(hparams, parse_hparams_json(args.hparams), where)
+
+
+def check_test_envs(test_envs: Sequence[int], dataset: MultiDomainDataset) -> None:
+    n = len(dataset.domains)
+    bad = [t for t in test_envs if not 0 <= t < n]
+    if bad or not test_envs or len(set(test_envs)) != len(test_envs) or len(test_envs) >= n:
+        listing = ", ".join(f"{i}={d}" for i, d in enumerate(dataset.domains))
+        raise DfbenchError(
+            f"--test_envs {list(test_envs)} is not valid for {dataset.name}: give one or more distinct indices "
+            f"from 0..{n - 1}, leaving at least one training domain ({listing})."
+        )
+
+
+class Runtime:
+    """Device, precision and processes, through accelerate; single-process runs use it too."""
+
+    def __init__(self, args: TrainArgs):
+        from accelerate import Accelerator
+
+        want_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+        if not want_cpu and not torch.cuda.is_available():
+            raise DfbenchError(f"--device {args.device} asked for CUDA, but torch sees no GPU. Use --device cpu.")
+        if args.device.startswith("cuda:") and "LOCAL_RANK" not in os.environ:
+            torch.cuda.set_device(int(args.device.split(":")[1]))
+        bf16 = args.precision == "bf16" or (args.precision == "auto" and not want_cpu and torch.cuda.is_bf16_supported())
+        self.accelerator = Accelerator(cpu=want_cpu, mixed_precision="bf16" if bf16 else "no")
+        self.device = self.accelerator.device
+        self.cuda = self.device.type == "cuda"
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        if self.cuda:
+            torch.backends.cudnn.benchmark = not args.deterministic
+        if args.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+    def backward(self, loss: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> None:
+        self.accelerator.backward(loss)
+        if self.world > 1:  # average gradients over ranks; each rank saw a slice of every minibatch
+            for p in params:
+                if p.grad is not None:
+                    p.grad.copy_(self.accelerator.reduce(p.grad, reduction="mean"))
+
+    def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(values, reduction="sum") if self.world > 1 else values
+
+    def peak_memory_gb(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**30
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def make_splits(dataset: MultiDomainDataset, args: TrainArgs, hparams: dict[str, Any]):
+    """In/out splits of every domain; training transform only on the training domains' in-splits."""
+    augment = hparams.get("data_augmentation", True)
+    eval_tf, train_tf = dataset.eval_transform(), dataset.train_transform(augment)
+    splits, index_record = {}, {}
+    for i, env in enumerate(dataset.envs):
+        out_idx, in_idx = split_indices(len(env), args.trial_seed, i, args.holdout_fraction)
+        in_tf = eval_tf if i in args.test_envs else train_tf
+        splits[f"env{i}_in"] = SplitDataset(env, in_idx, in_tf)
+        splits[f"env{i}_out"] = SplitDataset(env, out_idx, eval_tf)
+        index_record[f"env{i}"] = {"domain": dataset.domains[i], "in": in_idx, "out": out_idx}
+    return splits, index_record
+
+
+def splits_to_evaluate(n_domains: int, test_envs: Sequence[int], mode: str) -> list[str]:
+    """``needed``: what model selection reads (train domains' out, test domains' in and out)."""
+    if mode == "all":
+        return [f"env{i}_{s}" for i in range(n_domains) for s in ("in", "out")]
+    names = []
+    for i in range(n_domains):
+        names += [f"env{i}_in", f"env{i}_out"] if i in test_envs else [f"env{i}_out"]
+    return names
+
+
+def accuracy(algorithm: Algorithm, split: SplitDataset, runtime: Runtime, batch_size: int, workers: int) -> float:
+    correct = torch.zeros(2, dtype=torch.float64, device=runtime.device)
+    algorithm.eval()
+    with torch.no_grad(), runtime.accelerator.autocast():
+        for x, y in eval_batches(split, batch_size, num_workers=workers, pin_memory=runtime.cuda,
+                                 rank=runtime.rank, world=runtime.world):
+            x = x.to(runtime.device, non_blocking=True)
+            y = y.to(runtime.device, non_blocking=True)
+            if runtime.cuda and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            pred = algorithm.predict(x).argmax(1)
+            correct += torch.stack([(pred == y).sum().double(), torch.tensor(float(len(y)), device=runtime.device)])
+    algorithm.train()
+    correct = runtime.sum_over_ranks(correct)
+    return (correct[0] / correct[1].clamp(min=1)).item()
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Tee:
+    """Copies a stream to a log file in the run directory (DomainBed's out.txt / err.txt)."""
+
+    def __init__(self, stream, path: Path):
+        self.stream, self.file = stream, open(path, "a")
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        self.file.flush()
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.file.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _logs_to(run_dir: Path, enabled: bool):
+    if not enabled:
+        yield
+        return
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(out, run_dir / "out.txt"), _Tee(err, run_dir / "err.txt")
+    try:
+        yield
+    finally:
+        sys.stdout.file.close(), sys.stderr.file.close()
+        sys.stdout, sys.stderr = out, err
+
+
+def train(args: TrainArgs) -> Path:
+    """Run (or resume, or skip if done) one training run; returns its run directory."""
+    load_plugins(args.plugins)
+    ALGORITHMS.get(args.algorithm)  # fail fast on an unknown name, before loading data
+    hparams = resolve_hparams(args)
+    run_dir = Path(args.output_dir)
+    if (run_dir / runfiles.DONE).exists():
+        print(f"{run_dir} is already done; nothing to do.")
+        return run_dir
+    runtime = Runtime(args)
+    if runtime.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / runfiles.FAILED).unlink(missing_ok=True)
+        runfiles.write_lock(run_dir)
+    try:
+        with _logs_to(run_dir, runtime.is_main):
+            _train(args, hparams, runtime, run_dir)
+    except BaseException as err:
+        if runtime.is_main:
+            reason = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8)}
+            runfiles.atomic_write_text(run_dir / runfiles.FAILED, json.dumps(reason, indent=1))
+        raise
+    finally:
+        if runtime.is_main:
+            (run_dir / runfiles.LOCK).unlink(missing_ok=True)
+    return run_dir
+
+
+def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: Path) -> None:
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    dataset = get_dataset(args.dataset, args.data_dir)
+    check_test_envs(args.test_envs, dataset)
+    steps = args.steps if args.steps is not None else dataset.N_STEPS
+    freq = args.checkpoint_freq or dataset.CHECKPOINT_FREQ
+    train_envs = [i for i in range(len(dataset.envs)) if i not in args.test_envs]
+    splits, index_record = make_splits(dataset, args, hparams)
+    record_args = dataclasses.asdict(args)
+    if runtime.is_main:
+        runfiles.atomic_write_text(run_dir / runfiles.SPLITS, json.dumps(index_record))
+        print(f"{args.algorithm} on {dataset.name}, test envs {args.test_envs}, {steps} steps, hparams {hparams}")
+
+    algorithm = ALGORITHMS.get(args.algorithm)(dataset.input_shape, dataset.num_classes, len(train_envs), hparams)
+    costs = CostMeter()
+    train_splits = [splits[f"env{i}_in"] for i in train_envs]
+    context = TrainingContext(dataset, train_envs, list(args.test_envs), train_splits, hparams, args,
+                              runtime.device, costs, Path(args.data_dir) / ".dfbench_cache")
+    replaced = algorithm.prepare(context)
+    if replaced is not None:
+        train_splits = list(replaced)
+
+    algorithm.to(runtime.device)
+    if runtime.cuda:
+        algorithm.to(memory_format=torch.channels_last)
+    params = [p for p in algorithm.parameters() if p.requires_grad]
+    algorithm.backward = lambda loss: runtime.backward(loss, params)
+    algorithm.setup_optimizers()
+
+    start_step, elapsed_before = 0, 0.0
+    resume_path = run_dir / runfiles.RESUME
+    if resume_path.exists():
+        state = torch.load(resume_path, map_location=runtime.device, weights_only=False)
+        algorithm.load_resume_state(state["algorithm"])
+        costs.load_state_dict(state["costs"])
+        _set_rng_state(state["rng"])
+        start_step, elapsed_before = state["step"] + 1, state["elapsed"]
+        if runtime.is_main:
+            runfiles.keep_records_through(run_dir, state["step"])
+            print(f"resuming from step {start_step}")
+
+    workers = args.num_workers if args.num_workers is not None else min(8, os.cpu_count() or 1)
+    eval_bs = args.eval_batch_size or (1024 if runtime.cuda else 256)
+    batch_size = hparams["batch_size"]
+    batches = training_batches(train_splits, batch_size, args.seed, start_step, num_workers=workers,
+                               pin_memory=runtime.cuda, rank=runtime.rank, world=runtime.world)
+    steps_per_epoch = min(len(s) / batch_size for s in train_splits)
+    eval_names = splits_to_evaluate(len(dataset.envs), args.test_envs, args.eval_splits)
+
+    sums: dict[str, torch.Tensor] = {}
+    timing = {"step": 0.0, "data": 0.0, "n": 0, "images": 0}
+    run_start = time.perf_counter()
+    for step in range(start_step, steps):
+        t0 = time.perf_counter()
+        minibatches = [(x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True))
+                       for x, y in next(batches)]
+        if runtime.cuda:
+            minibatches = [(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, y)
+                           for x, y in minibatches]
+        t1 = time.perf_counter()
+        with runtime.accelerator.autocast():
+            terms = algorithm.update(minibatches)
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + torch.as_tensor(value, dtype=torch.float32).detach()
+        if runtime.cuda and (step + 1) % 50 == 0:
+            torch.cuda.synchronize()  # keep step_time honest without syncing every step
+        t2 = time.perf_counter()
+        timing["step"] += t2 - t0
+        timing["data"] += t1 - t0
+        timing["n"] += 1
+        timing["images"] += sum(len(y) for _, y in minibatches) * runtime.world
+
+        if step % freq == 0 or step == steps - 1:
+            n = max(timing["n"], 1)
+            losses = {name: (total / n).item() for name, total in sums.items()}
+            bad = {k: v for k, v in losses.items() if not np.isfinite(v)}
+            if bad:
+                raise DfbenchError(
+                    f"loss became {bad} by step {step} ({args.algorithm}, lr={hparams['lr']}): the run diverged. "
+                    "Lower the learning rate or check the data; this run is marked failed."
+                )
+            record = {
+                "step": step,
+                "epoch": step / steps_per_epoch,
+                **losses,
+                "step_time": timing["step"] / n,
+                "data_time": timing["data"] / n,
+                "images_per_s": timing["images"] / max(timing["step"], 1e-9),
+            }
+            for name in eval_names:
+                record[f"{name}_acc"] = accuracy(algorithm, splits[name], runtime, eval_bs, min(workers, 4))
+            elapsed = elapsed_before + time.perf_counter() - run_start
+            record.update(mem_gb=runtime.peak_memory_gb(), wall_time=elapsed, hparams=hparams, args=record_args)
+            record.update(costs.record_fields())
+            if runtime.is_main:
+                runfiles.append_record(run_dir, record)
+                accs = " ".join(f"{k[:-4]}={v:.3f}" for k, v in record.items() if k.endswith("_acc"))
+                print(f"step {step:5d}  loss {losses.get('loss', float('nan')):.4f}  {accs}  "
+                      f"{record['images_per_s']:.0f} img/s")
+                state = {"step": step, "elapsed": elapsed, "algorithm": algorithm.resume_state(),
+                         "costs": costs.state_dict(), "rng": _rng_state()}
+                tmp = resume_path.with_suffix(".tmp")
+                torch.save(state, tmp)
+                os.replace(tmp, resume_path)
+                runfiles.heartbeat(run_dir)
+            sums, timing = {}, {"step": 0.0, "data": 0.0, "n": 0, "images": 0}
+
+    runtime.accelerator.wait_for_everyone()
+    if runtime.is_main:
+        if not args.skip_model_save:
+            torch.save({"args": record_args, "model_input_shape": dataset.input_shape,
+                        "model_num_classes": dataset.num_classes, "model_num_domains": len(train_envs),
+                        "model_hparams": hparams, "model_dict": algorithm.state_dict()}, run_dir / runfiles.MODEL)
+        runfiles.atomic_write_text(run_dir / runfiles.DONE, "done\n")
+        resume_path.unlink(missing_ok=True)

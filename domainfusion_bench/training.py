@@ -126,6 +126,9 @@ class Runtime:
     def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(values, reduction="sum") if self.world > 1 else values
 
+    def mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(values.to(self.device), reduction="mean") if self.world > 1 else values
+
     def peak_memory_gb(self) -> float:
         if self.cuda:
             return torch.cuda.max_memory_allocated() / 2**30
@@ -328,7 +331,7 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
 
         if step % freq == 0 or step == steps - 1:
             n = max(timing["n"], 1)
-            losses = {name: (total / n).item() for name, total in sums.items()}
+            losses = {name: runtime.mean_over_ranks(total / n).item() for name, total in sums.items()}
             bad = {k: v for k, v in losses.items() if not np.isfinite(v)}
             if bad:
                 raise DfbenchError(

@@ -58,7 +58,27 @@ def _run_list(ns) -> None:
     print_catalog(ns.data_dir, ns.plugins)
 
 
-PARSERS = [_list_parser, _train_parser]
+def _download_parser(sub) -> None:
+    from domainfusion_bench.data.download import RECIPES
+
+    p = sub.add_parser("download", help="download datasets into the data dir, in DomainBed's layout")
+    p.add_argument("names", nargs="+", metavar="NAME", help=f"one or more of: {', '.join(RECIPES)}")
+    p.add_argument("--data_dir", default=None, help="root of the datasets (default: datasets, or $DFBENCH_DATA)")
+    p.add_argument("--mirror", default=None, metavar="DIR",
+                   help="take the source files from DIR instead of the network (datasets/README.md lists the names)")
+    p.set_defaults(func=_run_download)
+
+
+def _run_download(ns) -> None:
+    from domainfusion_bench.data.download import RECIPES, download
+
+    for name in ns.names:
+        RECIPES.get(name)  # every name is checked before the first download starts
+    for name in ns.names:
+        download(name, ns.data_dir, ns.mirror)
+
+
+PARSERS = [_list_parser, _train_parser, _download_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ class ImageFolderDataset(MultiDomainDataset):
             raise DfbenchError(self._missing_message())
         self.domains = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         self._check_domains()
-        self.envs = [tv_datasets.ImageFolder(str(self.root / d)) for d in self.domains]
+        self.envs = [self._load_domain(d) for d in self.domains]
         self.classes = list(self.envs[0].classes)
         for domain, env in zip(self.domains, self.envs):
             if list(env.classes) != self.classes:
@@ -37,6 +37,15 @@ class ImageFolderDataset(MultiDomainDataset):
                 )
         self.num_classes = len(self.classes)
         self.input_shape = (3, self.resolution, self.resolution)
+
+    def _load_domain(self, domain: str) -> tv_datasets.ImageFolder:
+        try:
+            return tv_datasets.ImageFolder(str(self.root / domain))
+        except FileNotFoundError as err:  # no class folders, or a class folder without images
+            raise DfbenchError(
+                f"{self.root}: domain {domain!r} is incomplete ({err.args[0].strip()}). Every domain needs the "
+                f"same <class> folders, each holding images."
+            ) from None
 
     def _missing_message(self) -> str:
         return (

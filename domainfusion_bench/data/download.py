@@ -133,8 +133,6 @@ def obtain(source: Source, work: Path, mirror: Path | None) -> Path:
     """The local path of ``source``: in the mirror, or downloaded (once) into ``work``."""
     if mirror is not None:
         path = mirror / source.filename
-        if not path.is_file():
-            raise DfbenchError(f"the mirror {mirror} has no {source.filename} (see datasets/README.md for the file names).")
     else:
         path = work / source.filename
         if not path.is_file():
@@ -173,7 +171,7 @@ def extract(archive: Path, into: Path) -> None:
             with tarfile.open(archive) as t:
                 t.extractall(into, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
-        raise DfbenchError(f"cannot unpack {archive} ({err}): it is incomplete or damaged. Delete it and re-run.") from None
+        raise DfbenchError(f"cannot unpack {archive} ({err}): it is incomplete or damaged. Delete (or replace) it and re-run.") from None
 
 
 def extracted_folder(folder: str) -> Callable[[dict[str, Path], Path], Path]:
@@ -356,6 +354,9 @@ def download(name: str, data_dir: str | Path | None = None, mirror: str | Path |
 
     work = data_dir / WORK_DIR / name
     mirror = Path(mirror) if mirror is not None else None
+    if mirror is not None and (missing := [s.filename for s in recipe.sources if not (mirror / s.filename).is_file()]):
+        raise DfbenchError(f"the mirror {mirror} lacks {', '.join(missing)} (a {name} mirror holds "
+                           f"{', '.join(s.filename for s in recipe.sources)}; see datasets/README.md).")
     files = {s.filename: obtain(s, work, mirror) for s in recipe.sources}
     staging = work / "staging"
     shutil.rmtree(staging, ignore_errors=True)  # an interrupted build starts over; downloads are kept

@@ -66,6 +66,8 @@ def _download_parser(sub) -> None:
     p.add_argument("--data_dir", default=None, help="root of the datasets (default: datasets, or $DFBENCH_DATA)")
     p.add_argument("--mirror", default=None, metavar="DIR",
                    help="take the source files from DIR instead of the network (datasets/README.md lists the names)")
+    p.add_argument("--keep_downloads", action="store_true",
+                   help="keep the fetched files in <data_dir>/.dfbench_download/<name>/, a --mirror for other machines")
     p.set_defaults(func=_run_download)
 
 
@@ -75,7 +77,7 @@ def _run_download(ns) -> None:
     for name in ns.names:
         RECIPES.get(name)  # every name is checked before the first download starts
     for name in ns.names:
-        download(name, ns.data_dir, ns.mirror)
+        download(name, ns.data_dir, ns.mirror, keep_downloads=ns.keep_downloads)
 
 
 PARSERS = [_list_parser, _train_parser, _download_parser]

@@ -366,6 +366,21 @@ def test_interrupted_dataset_download_resumes(tmp_path, pacs_mirror, monkeypatch
         served.close()
 
 
+def test_kept_downloads_are_a_mirror(tmp_path, pacs_mirror, monkeypatch):
+    mirror, n = pacs_mirror
+    served = FileServer({"PACS.zip": (mirror / "PACS.zip").read_bytes()})
+    try:
+        with_recipe(monkeypatch, "PACS", expected_images=n, sources=(Source("PACS.zip", (f"{served.url}/PACS.zip",)),))
+        download("PACS", tmp_path / "online", keep_downloads=True)
+    finally:
+        served.close()
+    kept = tmp_path / "online" / WORK_DIR / "PACS"
+    assert sorted(p.name for p in kept.iterdir()) == ["PACS.zip"]  # the staging folder is gone
+    no_network(monkeypatch)
+    download("PACS", tmp_path / "offline", mirror=kept)
+    assert get_dataset("PACS", tmp_path / "offline").sizes() == [4, 4, 4, 4]
+
+
 def test_network_failure_suggests_a_mirror(tmp_path, monkeypatch):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

@@ -329,11 +329,12 @@ def write_marker(folder: Path, name: str, images: int) -> None:
 
 
 def download(name: str, data_dir: str | Path | None = None, mirror: str | Path | None = None,
-             expected_images: int | None = None) -> Path:
+             expected_images: int | None = None, keep_downloads: bool = False) -> Path:
     """Put dataset ``name`` into ``data_dir`` in the layout its loader reads; returns its folder.
 
     ``mirror``: a folder holding the source files under their names (no network is used).
     ``expected_images``: the count to verify against (default: the real dataset's).
+    ``keep_downloads``: keep the fetched files (a ready ``--mirror`` folder for other machines).
     """
     recipe = RECIPES.get(name)
     if data_dir is None:
@@ -368,8 +369,12 @@ def download(name: str, data_dir: str | Path | None = None, mirror: str | Path |
     images = verify(recipe, built, expected, f"{remedy}, and re-run `dfbench download {name}`.")
     os.replace(built, final)
     write_marker(final, name, images)
-    shutil.rmtree(work, ignore_errors=True)
-    if not any((data_dir / WORK_DIR).iterdir()):
-        (data_dir / WORK_DIR).rmdir()
+    if keep_downloads and mirror is None:
+        shutil.rmtree(staging)
+        print(f"{name}: downloads kept in {work} (usable as --mirror {work})")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        if not any((data_dir / WORK_DIR).iterdir()):
+            (data_dir / WORK_DIR).rmdir()
     print(f"{name}: {images:,} images in {final}")
     return final

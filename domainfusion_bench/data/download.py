@@ -7,7 +7,7 @@ turns them into the folder ``data/folder.py`` (or ``data/mnist.py``) reads. ``do
 2. every source is taken from ``--mirror DIR`` when given, else fetched into
    ``<data_dir>/.dfbench_download/<name>/`` (kept until success, so a re-run never fetches twice;
    HTTP downloads continue a ``.part`` file with a Range request, Google Drive ones go through gdown);
-3. ``build`` extracts into a fresh staging folder next to the final one;
+3. ``build`` unpacks and post-processes them in a fresh staging folder beside the downloads;
 4. the images the dataset loader finds are counted against the expected number (DomainBed's);
 5. the staging folder is renamed into place, the marker is written last, the downloads are removed.
 """
@@ -253,8 +253,7 @@ def build_mnist(files: dict[str, Path], staging: Path) -> Path:
         if not check_integrity(str(files[filename]), md5):
             raise DfbenchError(f"{files[filename]} is not the published MNIST file (MD5 differs). Delete it and re-run.")
         shutil.copyfile(files[filename], raw / filename)
-    for train in (True, False):
-        MNIST(str(staging), train=train, download=True)
+    MNIST(str(staging), download=True)  # unpacks all four files
     return staging / "MNIST"
 
 

@@ -80,7 +80,50 @@ def _run_download(ns) -> None:
         download(name, ns.data_dir, ns.mirror, keep_downloads=ns.keep_downloads)
 
 
-PARSERS = [_list_parser, _train_parser, _download_parser]
+def _collect_parser(sub) -> None:
+    p = sub.add_parser("collect", help="leaderboard tables from run dirs (dfbench's or DomainBed's)")
+    p.add_argument("input_dir", metavar="DIR", help="a sweep's output dir (searched recursively for results.jsonl)")
+    p.add_argument("--format", choices=["text", "markdown", "latex", "csv", "json", "html"], default=None,
+                   help="default: text, or what --out's suffix says (.md .tex .csv .json .html)")
+    p.add_argument("--selection", choices=["iid", "loo", "oracle", "all"], default="all",
+                   help="iid: training-domain validation; loo: leave-one-domain-out; oracle: test-domain "
+                        "validation (default: all three)")
+    p.add_argument("--error", choices=["domainbed", "sem", "ci95"], default="domainbed",
+                   help="error bar over trials (default: DomainBed's std/sqrt(n))")
+    p.add_argument("--out", default=None, help="write to FILE instead of stdout (.html means the HTML page)")
+    p.add_argument("--include-incomplete", action="store_true", help="also read runs without a done file")
+    p.add_argument("--costs", action="store_true", help="add cost tables: wall time, images/s, memory, cost_* keys")
+    p.set_defaults(func=_run_collect)
+
+
+def _run_collect(ns) -> None:
+    import warnings
+
+    from domainfusion_bench.collect import CollectWarning
+    from domainfusion_bench.report import format_for, leaderboard
+
+    fmt = format_for(ns.out, ns.format)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CollectWarning)
+        text = leaderboard(ns.input_dir, fmt=fmt, selection=ns.selection, error=ns.error, costs=ns.costs,
+                           include_incomplete=ns.include_incomplete)
+    for w in caught:
+        if issubclass(w.category, CollectWarning):
+            print(f"dfbench collect: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if ns.out:
+        from pathlib import Path
+
+        out = Path(ns.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out} ({fmt})", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+
+
+PARSERS = [_list_parser, _train_parser, _collect_parser, _download_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from domainfusion_bench.data import embedded, folder, mnist  # noqa: F401  (registers datasets)
+from domainfusion_bench.data import embedded, folder, mnist, synthetic  # noqa: F401  (registers datasets)
 from domainfusion_bench.data.base import DATASETS, MultiDomainDataset, register_dataset
 from domainfusion_bench.data.folder import FolderDataset, ImageFolderDataset
 

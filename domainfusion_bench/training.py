@@ -32,6 +32,30 @@ from domainfusion_bench.hparams import apply_overrides, parse_hparams_json
 from domainfusion_bench.protocol import HOLDOUT_FRACTION, split_indices
 
 DEFAULT_DATA_DIR = os.environ.get("DFBENCH_DATA", "datasets")
+# Folder datasets up to this many GiB (uint8 at the training resolution) are decoded once into a store.
+STORE_MAX_GB = float(os.environ.get("DFBENCH_STORE_GB", "8"))
+
+
+@dataclass
+class Speed:
+    """How a run feeds the device. The defaults are the fast path; ``domainbed()`` is DomainBed's way.
+
+    None of this changes what is trained on (same splits, batches and augmentation distributions), so
+    it is not part of ``TrainArgs`` and not part of a run's hash.
+    """
+
+    channels_last: bool | None = None  # None: on CUDA
+    pin_memory: bool | None = None  # None: on CUDA
+    image_store: bool = True  # decode small folder datasets once into a cached uint8 store
+    store_max_gb: float = STORE_MAX_GB
+    data_on_device: bool = True  # keep tensor datasets on the GPU when they take <= 1/4 of its memory
+    per_domain_loaders: bool = False  # one DataLoader with num_workers per training domain
+    eval_augment: bool = False  # evaluate training domains with the training transform (DomainBed)
+
+    @classmethod
+    def domainbed(cls) -> "Speed":
+        return cls(channels_last=False, pin_memory=False, image_store=False, data_on_device=False,
+                   per_domain_loaders=True, eval_augment=True)
 
 
 @dataclass
@@ -137,18 +161,60 @@ class Runtime:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def make_splits(dataset: MultiDomainDataset, args: TrainArgs, hparams: dict[str, Any]):
-    """In/out splits of every domain; training transform only on the training domains' in-splits."""
+def make_splits(dataset: MultiDomainDataset, args: TrainArgs, hparams: dict[str, Any], eval_augment: bool = False):
+    """(training splits, evaluation splits by name, index record).
+
+    Training splits are the training domains' in-splits with the training transform. Evaluation splits
+    are every in/out split without augmentation, or, with ``eval_augment`` (DomainBed), the training
+    domains' splits with the training transform.
+    """
     augment = hparams.get("data_augmentation", True)
     eval_tf, train_tf = dataset.eval_transform(), dataset.train_transform(augment)
-    splits, index_record = {}, {}
+    batch_tf = getattr(dataset, "batch_transform", lambda augment: None)  # stored folder datasets have one
+    eval_btf, train_btf = batch_tf(False), batch_tf(augment)
+    train, splits, index_record = [], {}, {}
     for i, env in enumerate(dataset.envs):
         out_idx, in_idx = split_indices(len(env), args.trial_seed, i, args.holdout_fraction)
-        in_tf = eval_tf if i in args.test_envs else train_tf
-        splits[f"env{i}_in"] = SplitDataset(env, in_idx, in_tf)
-        splits[f"env{i}_out"] = SplitDataset(env, out_idx, eval_tf)
+        if i not in args.test_envs:
+            train.append(SplitDataset(env, in_idx, train_tf, train_btf))
+        tf, btf = (train_tf, train_btf) if eval_augment and i not in args.test_envs else (eval_tf, eval_btf)
+        splits[f"env{i}_in"] = SplitDataset(env, in_idx, tf, btf)
+        splits[f"env{i}_out"] = SplitDataset(env, out_idx, tf, btf)
         index_record[f"env{i}"] = {"domain": dataset.domains[i], "in": in_idx, "out": out_idx}
-    return splits, index_record
+    return train, splits, index_record
+
+
+def load_data(args: TrainArgs, speed: Speed, dataset: MultiDomainDataset | None = None, workers: int = 0,
+              generative: bool = False) -> MultiDomainDataset:
+    """The run's dataset, decoded into the uint8 store when it is a small folder dataset.
+
+    Generative methods read single items of the real data in ``prepare``; they keep the per-image path.
+    """
+    dataset = dataset or get_dataset(args.dataset, args.data_dir)
+    check_test_envs(args.test_envs, dataset)
+    store = getattr(dataset, "load_store", None)
+    if (speed.image_store and store is not None and not generative and not dataset.stored
+            and dataset.store_bytes() <= speed.store_max_gb * 2**30):
+        started = time.perf_counter()
+        path = store(Path(args.data_dir) / ".dfbench_cache", num_workers=workers)
+        print(f"image store: {path} ({dataset.store_bytes() / 2**30:.2f} GiB, {time.perf_counter() - started:.1f} s)")
+    return dataset
+
+
+def data_to_device(splits: Sequence[SplitDataset], device: torch.device, speed: Speed) -> None:
+    """Move the tensors behind tensor-backed splits onto the GPU once, when they take <= 1/4 of its memory."""
+    if device.type != "cuda" or not speed.data_on_device:
+        return
+    datasets = {id(s.dataset): s.dataset for s in splits if isinstance(s, SplitDataset) and s.tensor_view() is not None}
+    total = sum(t.numel() * t.element_size() for d in datasets.values() for t in d.tensors)
+    if total <= torch.cuda.get_device_properties(device).total_memory / 4:
+        for d in datasets.values():
+            d.tensors = tuple(t.to(device) for t in d.tensors)
+
+
+def model_input(x: torch.Tensor, runtime: "Runtime", channels_last: bool) -> torch.Tensor:
+    x = x.to(runtime.device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
 def splits_to_evaluate(n_domains: int, test_envs: Sequence[int], mode: str) -> list[str]:
@@ -161,16 +227,18 @@ def splits_to_evaluate(n_domains: int, test_envs: Sequence[int], mode: str) -> l
     return names
 
 
-def accuracy(algorithm: Algorithm, split: SplitDataset, runtime: Runtime, batch_size: int, workers: int) -> float:
+def accuracy(algorithm: Algorithm, split: SplitDataset, runtime: Runtime, batch_size: int, workers: int,
+             speed: Speed | None = None) -> float:
+    speed = speed or Speed()
+    channels_last = runtime.cuda if speed.channels_last is None else speed.channels_last
+    pin = runtime.cuda if speed.pin_memory is None else speed.pin_memory
     correct = torch.zeros(2, dtype=torch.float64, device=runtime.device)
     algorithm.eval()
     with torch.no_grad(), runtime.accelerator.autocast():
-        for x, y in eval_batches(split, batch_size, num_workers=workers, pin_memory=runtime.cuda,
-                                 rank=runtime.rank, world=runtime.world):
-            x = x.to(runtime.device, non_blocking=True)
+        for x, y in eval_batches(split, batch_size, num_workers=workers, pin_memory=pin,
+                                 rank=runtime.rank, world=runtime.world, device=runtime.device):
+            x = model_input(x, runtime, channels_last)
             y = y.to(runtime.device, non_blocking=True)
-            if runtime.cuda and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
             pred = algorithm.predict(x).argmax(1)
             correct += torch.stack([(pred == y).sum().double(), torch.tensor(float(len(y)), device=runtime.device)])
     algorithm.train()
@@ -254,17 +322,22 @@ def train(args: TrainArgs) -> Path:
     return run_dir
 
 
-def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: Path) -> None:
+def default_workers(args: TrainArgs) -> int:
+    return args.num_workers if args.num_workers is not None else min(8, os.cpu_count() or 1)
+
+
+def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: Path, speed: Speed | None = None) -> None:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    speed = speed or Speed()
+    workers = default_workers(args)
 
-    dataset = get_dataset(args.dataset, args.data_dir)
-    check_test_envs(args.test_envs, dataset)
+    dataset = load_data(args, speed, workers=workers, generative=ALGORITHMS.get(args.algorithm).GENERATIVE)
     steps = args.steps if args.steps is not None else dataset.N_STEPS
     freq = args.checkpoint_freq or dataset.CHECKPOINT_FREQ
     train_envs = [i for i in range(len(dataset.envs)) if i not in args.test_envs]
-    splits, index_record = make_splits(dataset, args, hparams)
+    train_splits, splits, index_record = make_splits(dataset, args, hparams, speed.eval_augment)
     record_args = dataclasses.asdict(args)
     if runtime.is_main:
         runfiles.atomic_write_text(run_dir / runfiles.SPLITS, json.dumps(index_record))
@@ -272,15 +345,17 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
 
     algorithm = ALGORITHMS.get(args.algorithm)(dataset.input_shape, dataset.num_classes, len(train_envs), hparams)
     costs = CostMeter()
-    train_splits = [splits[f"env{i}_in"] for i in train_envs]
     context = TrainingContext(dataset, train_envs, list(args.test_envs), train_splits, hparams, args,
                               runtime.device, costs, Path(args.data_dir) / ".dfbench_cache")
     replaced = algorithm.prepare(context)
     if replaced is not None:
         train_splits = list(replaced)
 
+    data_to_device(list(train_splits) + list(splits.values()), runtime.device, speed)
+    channels_last = runtime.cuda if speed.channels_last is None else speed.channels_last
+    pin = runtime.cuda if speed.pin_memory is None else speed.pin_memory
     algorithm.to(runtime.device)
-    if runtime.cuda:
+    if channels_last:
         algorithm.to(memory_format=torch.channels_last)
     params = [p for p in algorithm.parameters() if p.requires_grad]
     algorithm.backward = lambda loss: runtime.backward(loss, params)
@@ -298,11 +373,11 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
             runfiles.keep_records_through(run_dir, state["step"])
             print(f"resuming from step {start_step}")
 
-    workers = args.num_workers if args.num_workers is not None else min(8, os.cpu_count() or 1)
     eval_bs = args.eval_batch_size or (1024 if runtime.cuda else 256)
     batch_size = hparams["batch_size"]
     batches = training_batches(train_splits, batch_size, args.seed, start_step, num_workers=workers,
-                               pin_memory=runtime.cuda, rank=runtime.rank, world=runtime.world)
+                               pin_memory=pin, rank=runtime.rank, world=runtime.world, device=runtime.device,
+                               per_domain_loaders=speed.per_domain_loaders)
     steps_per_epoch = min(len(s) / batch_size for s in train_splits)
     eval_names = splits_to_evaluate(len(dataset.envs), args.test_envs, args.eval_splits)
 
@@ -311,11 +386,8 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
     run_start = time.perf_counter()
     for step in range(start_step, steps):
         t0 = time.perf_counter()
-        minibatches = [(x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True))
+        minibatches = [(model_input(x, runtime, channels_last), y.to(runtime.device, non_blocking=True))
                        for x, y in next(batches)]
-        if runtime.cuda:
-            minibatches = [(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, y)
-                           for x, y in minibatches]
         t1 = time.perf_counter()
         with runtime.accelerator.autocast():
             terms = algorithm.update(minibatches)
@@ -347,7 +419,7 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
                 "images_per_s": timing["images"] / max(timing["step"], 1e-9),
             }
             for name in eval_names:
-                record[f"{name}_acc"] = accuracy(algorithm, splits[name], runtime, eval_bs, min(workers, 4))
+                record[f"{name}_acc"] = accuracy(algorithm, splits[name], runtime, eval_bs, min(workers, 4), speed)
             elapsed = elapsed_before + time.perf_counter() - run_start
             record.update(mem_gb=runtime.peak_memory_gb(), wall_time=elapsed, hparams=hparams, args=record_args)
             record.update(costs.record_fields())

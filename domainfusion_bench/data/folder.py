@@ -1,17 +1,104 @@
-"""Image-folder datasets in DomainBed's layout: ``root/<domain>/<class>/<image>``."""
+"""Image-folder datasets in DomainBed's layout: ``root/<domain>/<class>/<image>``.
+
+The fast path (``load_store``): small datasets are decoded and resized once into a uint8 tensor store,
+cached on disk, so training never decodes a JPEG again; augmentation and normalisation then run batched
+on the training device (``batch_transform``), from per-step seeded generators.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
+import random
 from pathlib import Path
 
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
+from torchvision.ops import roi_align
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F2
+from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
 from domainfusion_bench.data.base import MultiDomainDataset, register_dataset
 from domainfusion_bench.errors import DfbenchError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# DomainBed's training augmentation parameters (DESIGN.md section 3)
+CROP_SCALE, CROP_RATIO, JITTER, GRAY_P = (0.7, 1.0), (3 / 4, 4 / 3), 0.3, 0.1
+
+
+class NormalizeBatch:
+    """uint8 [N, 3, H, W] -> normalised float: the same ops as ToTensor + Normalize, so the same values."""
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return T.functional.normalize(x.float().div(255), IMAGENET_MEAN, IMAGENET_STD)
+
+
+class AugmentBatch:
+    """DomainBed's training augmentation on a uint8 batch, on its device, with per-sample parameters.
+
+    RandomResizedCrop (crop boxes resampled with ``roi_align``), horizontal flip, ColorJitter(0.3 x4)
+    and RandomGrayscale(0.1), drawn from ``generator``: the same distributions as the PIL pipeline,
+    except that a crop which does not fit shrinks to fit (torchvision retries) and the jitter order is
+    drawn per batch (torchvision: per image).
+    """
+
+    def __init__(self, resolution: int):
+        self.resolution = resolution
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        n, _, h, w = x.shape
+        u = lambda: torch.rand(n, generator=generator, device=x.device)  # noqa: E731
+        x = x.float().div(255)
+        area = h * w * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u())
+        log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+        ratio = torch.exp(log_lo + (log_hi - log_lo) * u())
+        cw, ch = (area * ratio).sqrt().clamp(max=w), (area / ratio).sqrt().clamp(max=h)
+        x0, y0 = u() * (w - cw), u() * (h - ch)
+        boxes = torch.stack([torch.arange(n, device=x.device, dtype=x.dtype), x0, y0, x0 + cw, y0 + ch], 1)
+        x = roi_align(x, boxes, (self.resolution, self.resolution), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        x = torch.where((u() < 0.5)[:, None, None, None], x.flip(-1), x)
+        factors = [1 - JITTER + 2 * JITTER * u() for _ in range(3)] + [JITTER * (2 * u() - 1)]
+        order = [0, 1, 2, 3]
+        random.Random(generator.initial_seed() if generator is not None else 0).shuffle(order)
+        for op in order:
+            x = self._jitter(x, op, factors[op][:, None, None, None])
+        gray = F2.rgb_to_grayscale(x, num_output_channels=3)
+        x = torch.where((u() < GRAY_P)[:, None, None, None], gray, x)
+        return T.functional.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+
+    @staticmethod
+    def _jitter(x: torch.Tensor, op: int, f: torch.Tensor) -> torch.Tensor:
+        if op == 0:  # brightness
+            return (x * f).clamp(0, 1)
+        if op == 1:  # contrast: blend with the mean grey level
+            mean = F2.rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
+            return (f * x + (1 - f) * mean).clamp(0, 1)
+        if op == 2:  # saturation: blend with the grey image
+            return (f * x + (1 - f) * F2.rgb_to_grayscale(x)).clamp(0, 1)
+        hsv = _rgb_to_hsv(x)  # hue: rotate H
+        hsv = torch.cat([(hsv[:, :1] + f).remainder(1.0), hsv[:, 1:]], 1)
+        return _hsv_to_rgb(hsv)
+
+
+class _DecodeResized(Dataset):
+    """Image k decoded (ImageFolder's loader) and resized as the eval transform does, as uint8 CHW."""
+
+    def __init__(self, paths: list[str], loader, resolution: int):
+        self.paths, self.loader = paths, loader
+        self.resize = T.Resize((resolution, resolution))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return T.functional.pil_to_tensor(self.resize(self.loader(self.paths[k])))
 
 
 class ImageFolderDataset(MultiDomainDataset):
@@ -37,6 +124,53 @@ class ImageFolderDataset(MultiDomainDataset):
                 )
         self.num_classes = len(self.classes)
         self.input_shape = (3, self.resolution, self.resolution)
+        self.stored = False
+
+    def set_resolution(self, resolution: int) -> None:
+        """Train and evaluate at ``resolution`` px (DomainBed: 224); call before ``load_store``."""
+        if self.stored:
+            raise RuntimeError("set_resolution after load_store: the store holds the old resolution")
+        self.resolution = resolution
+        self.input_shape = (3, resolution, resolution)
+
+    def store_bytes(self) -> int:
+        """Size of the uint8 store at the current resolution."""
+        return sum(len(env) for env in self.envs) * 3 * self.resolution**2
+
+    def load_store(self, cache_dir: str | Path, num_workers: int = 0) -> Path:
+        """Decode and resize every image once into uint8 tensors; ``envs`` become TensorDatasets.
+
+        The store is cached in ``cache_dir`` under a key of the root, the resolution and every file's
+        path and size, so the runs of a sweep decode the dataset once between them.
+        """
+        samples = [env.samples for env in self.envs]
+        paths = [p for env in samples for p, _ in env]
+        key = json.dumps([str(self.root.resolve()), self.resolution, [[p, os.path.getsize(p)] for p in paths]])
+        digest = hashlib.md5(key.encode()).hexdigest()[:16]
+        path = Path(cache_dir) / f"images_{self.resolution}px_{digest}.npy"
+        if path.exists():
+            images = torch.from_numpy(np.load(path))
+        else:
+            decode = _DecodeResized(paths, self.envs[0].loader, self.resolution)
+            images = torch.cat(list(DataLoader(decode, batch_size=64, num_workers=num_workers)))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            with open(tmp, "wb") as f:
+                np.save(f, images.numpy())
+            os.replace(tmp, path)
+        start, envs = 0, []
+        for env in samples:
+            labels = torch.tensor([y for _, y in env], dtype=torch.long)
+            envs.append(TensorDataset(images[start:start + len(env)], labels))
+            start += len(env)
+        self.envs, self.stored = envs, True
+        return path
+
+    def batch_transform(self, augment: bool):
+        """Batched, on-device equivalent of the per-image transform, for a stored dataset (else None)."""
+        if not self.stored:
+            return None
+        return AugmentBatch(self.resolution) if augment else NormalizeBatch()
 
     def _load_domain(self, domain: str) -> tv_datasets.ImageFolder:
         try:
@@ -63,6 +197,8 @@ class ImageFolderDataset(MultiDomainDataset):
             )
 
     def eval_transform(self):
+        if self.stored:  # the store holds the resized uint8 images: the rest of ToTensor + Normalize
+            return T.Compose([T.ConvertImageDtype(torch.float32), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         return T.Compose(
             [T.Resize((self.resolution, self.resolution)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         )
@@ -70,6 +206,12 @@ class ImageFolderDataset(MultiDomainDataset):
     def train_transform(self, augment: bool):
         if not augment:
             return self.eval_transform()
+        if self.stored:  # per image, on uint8 tensors (algorithms that read items; the trainer batches)
+            return v2.Compose([
+                v2.RandomResizedCrop(self.resolution, scale=CROP_SCALE, antialias=True), v2.RandomHorizontalFlip(),
+                v2.ColorJitter(JITTER, JITTER, JITTER, JITTER), v2.RandomGrayscale(GRAY_P),
+                v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ])
         return T.Compose(
             [
                 T.RandomResizedCrop(self.resolution, scale=(0.7, 1.0)),

@@ -2,6 +2,10 @@
 
 Each step's indices are a function of (seed, domain, step) alone, so a resumed run draws exactly the
 batches the uninterrupted run would have drawn, and DDP ranks can take disjoint slices of them.
+
+Fast path: a split over a TensorDataset (embedded datasets, and folder datasets decoded into a uint8
+store) is served by indexing tensors, with no workers; its ``batch_transform`` (normalisation, or
+batched augmentation drawn from a generator seeded by (seed, domain, step)) runs on the device.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ from domainfusion_bench.protocol import seed_hash
 class SplitDataset(Dataset):
     """``dataset[indices[k]]`` with an optional transform on x (DomainBed's _SplitDataset)."""
 
-    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Callable | None = None):
+    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Callable | None = None,
+                 batch_transform: Callable | None = None):
         self.dataset = dataset
         self.indices = list(indices)
         self.transform = transform
+        # batched, on-device equivalent of ``transform``: (x, generator) -> x; set for stored images
+        self.batch_transform = batch_transform
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -37,14 +44,22 @@ class SplitDataset(Dataset):
             return x[index], y[index]
         return None
 
+    def tensor_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(x, y, rows of this split) when batches can be cut from tensors and finished by ``batch_transform``."""
+        if isinstance(self.dataset, TensorDataset) and (self.transform is None or self.batch_transform is not None):
+            x, y = self.dataset.tensors
+            return x, y, torch.as_tensor(self.indices, dtype=torch.long)
+        return None
+
 
 def step_indices(sizes: Sequence[int], batch_size: int, seed: int, step: int, rank: int = 0, world: int = 1):
     """Per-domain index tensors for one step: uniform with replacement, as DomainBed's infinite loaders."""
-    out = []
-    for domain, n in enumerate(sizes):
-        g = torch.Generator().manual_seed(seed_hash(seed, domain, step))
-        out.append(torch.randint(n, (batch_size,), generator=g)[rank::world])
-    return out
+    return [domain_step_indices(n, domain, batch_size, seed, step, rank, world) for domain, n in enumerate(sizes)]
+
+
+def domain_step_indices(n: int, domain: int, batch_size: int, seed: int, step: int, rank: int = 0, world: int = 1):
+    g = torch.Generator().manual_seed(seed_hash(seed, domain, step))
+    return torch.randint(n, (batch_size,), generator=g)[rank::world]
 
 
 class StepBatchSampler(Sampler):
@@ -63,22 +78,47 @@ class StepBatchSampler(Sampler):
             step += 1
 
 
+def seeded_generator(device: torch.device | str, *key) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed_hash(*key))
+
+
+def _finish(x: torch.Tensor, transform: Callable | None, device, pin_memory: bool, generator_key) -> torch.Tensor:
+    """Copy a tensor batch to ``device`` (uint8 when stored: 4x fewer bytes) and apply the batch transform."""
+    if pin_memory and x.device.type == "cpu":
+        x = x.pin_memory()
+    x = x.to(device, non_blocking=True)
+    return transform(x, seeded_generator(x.device, *generator_key)) if transform is not None else x
+
+
 def training_batches(
     splits: Sequence[Dataset], batch_size: int, seed: int, start_step: int = 0, *,
     num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world: int = 1,
+    device: torch.device | str = "cpu", per_domain_loaders: bool = False,
 ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Infinite stream of minibatch lists, one (x, y) per training domain."""
+    """Infinite stream of minibatch lists, one (x, y) per training domain.
+
+    Tensor-backed splits come out on ``device``, transformed; loader batches come out on the CPU.
+    ``per_domain_loaders`` gives every domain its own DataLoader of ``num_workers`` (DomainBed's setting).
+    """
     sizes = [len(s) for s in splits]
-    tensors = [s.tensors() if isinstance(s, SplitDataset) else None for s in splits]
-    if all(t is not None for t in tensors):
-        return _tensor_batches(tensors, sizes, batch_size, seed, start_step, rank, world)
+    views = [s.tensor_view() if isinstance(s, SplitDataset) else None for s in splits]
+    if all(v is not None for v in views):
+        transforms = [s.batch_transform for s in splits]
+        return _tensor_batches(views, transforms, sizes, batch_size, seed, start_step, rank, world, device, pin_memory)
+    if per_domain_loaders:
+        return _per_domain_batches(splits, sizes, batch_size, seed, start_step, num_workers, pin_memory, rank, world)
     return _loader_batches(splits, sizes, batch_size, seed, start_step, num_workers, pin_memory, rank, world)
 
 
-def _tensor_batches(tensors, sizes, batch_size, seed, step, rank, world):
+def _tensor_batches(views, transforms, sizes, batch_size, seed, step, rank, world, device, pin_memory):
     while True:
         idx = step_indices(sizes, batch_size, seed, step, rank, world)
-        yield [(x[i], y[i]) for (x, y), i in zip(tensors, idx)]
+        batch = []
+        for domain, ((x, y, rows), i, tf) in enumerate(zip(views, idx, transforms)):
+            r = rows[i]
+            xb = _finish(x[r.to(x.device)], tf, device, pin_memory, (seed, domain, step, "augment"))
+            batch.append((xb, y[r.to(y.device)]))
+        yield batch
         step += 1
 
 
@@ -93,16 +133,41 @@ def _loader_batches(splits, sizes, batch_size, seed, start_step, num_workers, pi
         yield list(zip(x.split(per_domain), y.split(per_domain)))
 
 
+class DomainStepSampler(Sampler):
+    """One domain's indices for steps ``start..``: the same draws as ``StepBatchSampler``'s slice for it."""
+
+    def __init__(self, n, domain, batch_size, seed, start_step=0, rank=0, world=1):
+        self.n, self.domain, self.batch_size, self.seed = n, domain, batch_size, seed
+        self.start_step, self.rank, self.world = start_step, rank, world
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            yield domain_step_indices(self.n, self.domain, self.batch_size, self.seed, step, self.rank, self.world).tolist()
+            step += 1
+
+
+def _per_domain_batches(splits, sizes, batch_size, seed, start_step, num_workers, pin_memory, rank, world):
+    """One DataLoader per domain, each with its own workers, zipped (DomainBed's InfiniteDataLoaders)."""
+    loaders = [
+        DataLoader(split, batch_sampler=DomainStepSampler(n, d, batch_size, seed, start_step, rank, world),
+                   num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
+        for d, (split, n) in enumerate(zip(splits, sizes))
+    ]
+    yield from (list(batch) for batch in zip(*loaders))
+
+
 def eval_batches(split: Dataset, batch_size: int, *, num_workers: int = 0, pin_memory: bool = False,
-                 rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One pass over this rank's shard of a split, in order."""
+                 rank: int = 0, world: int = 1, device: torch.device | str = "cpu",
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One pass over this rank's shard of a split, in order (tensor-backed splits: on ``device``)."""
     shard = range(rank, len(split), world)
-    tensors = split.tensors() if isinstance(split, SplitDataset) else None
-    if tensors is not None:
-        x, y = tensors
-        index = torch.as_tensor(list(shard), dtype=torch.long)
-        for chunk in index.split(batch_size):
-            yield x[chunk], y[chunk]
+    view = split.tensor_view() if isinstance(split, SplitDataset) else None
+    if view is not None:
+        x, y, rows = view
+        for k, chunk in enumerate(rows[list(shard)].split(batch_size)):
+            xb = _finish(x[chunk.to(x.device)], split.batch_transform, device, pin_memory, ("eval", k))
+            yield xb, y[chunk.to(y.device)]
         return
     subset = torch.utils.data.Subset(split, list(shard))
     yield from DataLoader(subset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)

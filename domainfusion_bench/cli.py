@@ -123,7 +123,62 @@ def _run_collect(ns) -> None:
         sys.stdout.write(text)
 
 
-PARSERS = [_list_parser, _train_parser, _collect_parser, _download_parser]
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="throughput: training vs ceiling, eval, memory; fast vs DomainBed settings; collector")
+    p.add_argument("--dataset", default="synthetic-pacs", help="registered name or folder:<path> (default: %(default)s, generated)")
+    p.add_argument("--algorithm", default="ERM")
+    p.add_argument("--backbone", default="resnet50", help="resnet50 | resnet18 | cnn (untrained weights: speed only)")
+    p.add_argument("--resolution", type=int, default=224, help="image size for folder datasets (default: %(default)s)")
+    p.add_argument("--batch_size", type=int, default=32, help="per training domain, as DomainBed's (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps, after --warmup untimed ones")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--test_envs", type=int, nargs="+", default=[0])
+    p.add_argument("--data_dir", default=None, help="root of the datasets (default: datasets, or $DFBENCH_DATA)")
+    p.add_argument("--profile", choices=["fast", "domainbed", "both"], default="fast",
+                   help="fast: dfbench's defaults; domainbed: fp32, no channels_last, 8 workers per loader, no pinned "
+                        "memory, augmented all-split eval; both: side by side, with the ratio")
+    p.add_argument("--num_workers", type=int, default=None, help="override every profile's worker count")
+    p.add_argument("--hparams", default=None, help="more JSON hparam overrides, e.g. '{\"cnn_width\": 16}'")
+    p.add_argument("--synthetic_per_class", type=int, default=None,
+                   help="(re)generate synthetic-pacs with this many images per domain and class first")
+    p.add_argument("--collect", type=int, default=None, metavar="N",
+                   help="instead: time dfbench collect + selection on N generated records")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 on a busy CPU)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(ns) -> None:
+    import json
+    from pathlib import Path
+
+    from domainfusion_bench.bench import BenchOptions, bench_collector, format_report, run_bench
+    from domainfusion_bench.bench.collector import format_collector
+    from domainfusion_bench.training import DEFAULT_DATA_DIR
+
+    if ns.collect is not None:
+        result = bench_collector(ns.collect)
+        print(json.dumps(result, indent=1) if ns.json else format_collector(result), end="\n" if ns.json else "")
+        return
+    data_dir = ns.data_dir or DEFAULT_DATA_DIR
+    if ns.synthetic_per_class is not None:
+        from domainfusion_bench.data.synthetic import SyntheticPACS, generate
+
+        generate(Path(data_dir) / SyntheticPACS.SUBDIR, per_class=ns.synthetic_per_class)
+    opts = BenchOptions(dataset=ns.dataset, algorithm=ns.algorithm, backbone=ns.backbone, resolution=ns.resolution,
+                        batch_size=ns.batch_size, steps=ns.steps, warmup=ns.warmup, device=ns.device,
+                        test_envs=ns.test_envs, data_dir=data_dir,
+                        profiles=["fast", "domainbed"] if ns.profile == "both" else [ns.profile],
+                        num_workers=ns.num_workers, hparams=ns.hparams, threads=ns.threads)
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr) if ns.json else contextlib.nullcontext():  # stdout: JSON only
+        report = run_bench(opts)
+    print(json.dumps(report, indent=1) if ns.json else format_report(report), end="\n" if ns.json else "")
+
+
+PARSERS = [_list_parser, _train_parser, _collect_parser, _download_parser, _bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -178,7 +178,193 @@ def _run_bench(ns) -> None:
     print(json.dumps(report, indent=1) if ns.json else format_report(report), end="\n" if ns.json else "")
 
 
-PARSERS = [_list_parser, _train_parser, _collect_parser, _download_parser, _bench_parser]
+def _add_spec_overrides(p, spec_default: str | None = None) -> None:
+    """--spec plus flags that override its fields (a flag left out keeps the spec's value)."""
+    if spec_default is None:
+        p.add_argument("--spec", required=True, help="sweep spec, e.g. sweeps/demo.yaml")
+    else:
+        p.add_argument("--spec", default=spec_default, help="sweep spec (default: %(default)s)")
+    p.add_argument("--name", default=None, help="sweep name (default: the spec file's name)")
+    p.add_argument("--datasets", nargs="+", default=None, metavar="NAME")
+    p.add_argument("--algorithms", nargs="+", default=None, metavar="NAME", help="names, or `all`")
+    p.add_argument("--n_hparams", type=int, default=None, help="hparams seeds n_hparams_from .. n_hparams-1")
+    p.add_argument("--n_hparams_from", type=int, default=None)
+    p.add_argument("--n_trials", type=int, default=None)
+    p.add_argument("--test_envs", default=None, help="singles | singles+pairs | a YAML list such as '[[0], [1, 2]]'")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--checkpoint_freq", type=int, default=None)
+    p.add_argument("--hparams", default=None, help="fixed hparams overrides, JSON: '{\"lr\": 1e-4}'")
+    p.add_argument("--output_dir", default=None, help="default: results/<name>")
+    p.add_argument("--data_dir", default=None, help="root of the datasets (default: datasets, or $DFBENCH_DATA)")
+
+
+def _spec_from(ns):
+    import yaml
+
+    from domainfusion_bench.errors import DfbenchError
+    from domainfusion_bench.sweep import load_spec
+
+    overrides = {k: getattr(ns, k) for k in ("name", "datasets", "algorithms", "n_hparams", "n_hparams_from",
+                                             "n_trials", "steps", "checkpoint_freq", "output_dir", "data_dir")}
+    if overrides["algorithms"] == ["all"]:
+        overrides["algorithms"] = "all"
+    for key in ("test_envs", "hparams"):
+        text = getattr(ns, key)
+        if text is not None:
+            try:
+                overrides[key] = yaml.safe_load(text)
+            except yaml.YAMLError:
+                raise DfbenchError(f"--{key} {text!r} is not valid YAML/JSON") from None
+    return load_spec(ns.spec, overrides)
+
+
+def _launcher_options(pairs) -> dict:
+    import yaml
+
+    from domainfusion_bench.errors import DfbenchError
+
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise DfbenchError(f"-O {pair!r}: launcher options are KEY=VALUE, e.g. -O parallel=2")
+        options[key] = yaml.safe_load(value) if value else None
+    return options
+
+
+def _add_launch_flags(p) -> None:
+    p.add_argument("--launcher", default=None, help="local | multi_gpu | accelerate | slurm | dry_run (default: the spec's)")
+    p.add_argument("-O", "--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="launcher option, repeatable, e.g. -O parallel=2 -O threads=1, -O partition=gpu")
+
+
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="launch a sweep, show its status, delete crashed runs")
+    ssub = p.add_subparsers(dest="sweep_command", required=True)
+    launch = ssub.add_parser("launch", help="run every job not done or running (interrupted runs resume)")
+    _add_spec_overrides(launch)
+    _add_launch_flags(launch)
+    launch.set_defaults(func=_run_sweep_launch)
+    status = ssub.add_parser("status", help="per-state counts; the last error line of each failed run")
+    _add_spec_overrides(status)
+    status.set_defaults(func=_run_sweep_status)
+    delete = ssub.add_parser("delete-incomplete", help="remove failed/crashed run dirs (never a running one)")
+    _add_spec_overrides(delete)
+    delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    delete.set_defaults(func=_run_sweep_delete)
+
+
+def _run_sweep_launch(ns) -> None:
+    from domainfusion_bench.launchers import launch_sweep
+
+    result = launch_sweep(_spec_from(ns), ns.launcher, _launcher_options(ns.option))
+    if result.failures:
+        print(f"dfbench sweep: {len(result.failures)} run(s) failed; `dfbench sweep status --spec {ns.spec}` "
+              "shows why, and launching again retries them", file=sys.stderr)
+        sys.exit(1)
+
+
+def _run_sweep_status(ns) -> None:
+    from domainfusion_bench.sweep import make_jobs, print_status
+
+    spec = _spec_from(ns)
+    print_status(spec, make_jobs(spec))
+
+
+def _run_sweep_delete(ns) -> None:
+    from domainfusion_bench.sweep import delete_incomplete, make_jobs
+
+    delete_incomplete(make_jobs(_spec_from(ns)), yes=ns.yes)
+
+
+def _demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="the embedded default end to end: sweeps/demo.yaml, then the leaderboard")
+    _add_spec_overrides(p, spec_default="sweeps/demo.yaml")
+    _add_launch_flags(p)
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(ns) -> None:
+    import time
+    import warnings
+    from pathlib import Path
+
+    from domainfusion_bench.collect import CollectWarning
+    from domainfusion_bench.launchers import launch_sweep
+    from domainfusion_bench.report import leaderboard, write_leaderboard
+
+    start = time.time()
+    spec = _spec_from(ns)
+    result = launch_sweep(spec, ns.launcher, _launcher_options(ns.option))
+    selection = ["iid", "oracle"]  # singles only: leave-one-domain-out needs the pair runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CollectWarning)
+        for suffix in (".md", ".html"):
+            out = write_leaderboard(spec.output_dir, Path(spec.output_dir) / f"leaderboard{suffix}", selection=selection)
+            print(f"wrote {out}", file=sys.stderr)
+        text = leaderboard(spec.output_dir, "text", selection=selection)
+    print(text)
+    print(f"demo: {time.time() - start:.0f} s; {len(result.failures)} failed run(s)", file=sys.stderr)
+    if result.failures:
+        sys.exit(1)
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="throughput: training vs ceiling, eval, memory; fast vs DomainBed settings; collector")
+    p.add_argument("--dataset", default="synthetic-pacs", help="registered name or folder:<path> (default: %(default)s, generated)")
+    p.add_argument("--algorithm", default="ERM")
+    p.add_argument("--backbone", default="resnet50", help="resnet50 | resnet18 | cnn (untrained weights: speed only)")
+    p.add_argument("--resolution", type=int, default=224, help="image size for folder datasets (default: %(default)s)")
+    p.add_argument("--batch_size", type=int, default=32, help="per training domain, as DomainBed's (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps, after --warmup untimed ones")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--test_envs", type=int, nargs="+", default=[0])
+    p.add_argument("--data_dir", default=None, help="root of the datasets (default: datasets, or $DFBENCH_DATA)")
+    p.add_argument("--profile", choices=["fast", "domainbed", "both"], default="fast",
+                   help="fast: dfbench's defaults; domainbed: fp32, no channels_last, 8 workers per loader, no pinned "
+                        "memory, augmented all-split eval; both: side by side, with the ratio")
+    p.add_argument("--num_workers", type=int, default=None, help="override every profile's worker count")
+    p.add_argument("--hparams", default=None, help="more JSON hparam overrides, e.g. '{\"cnn_width\": 16}'")
+    p.add_argument("--synthetic_per_class", type=int, default=None,
+                   help="(re)generate synthetic-pacs with this many images per domain and class first")
+    p.add_argument("--collect", type=int, default=None, metavar="N",
+                   help="instead: time dfbench collect + selection on N generated records")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 on a busy CPU)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(ns) -> None:
+    import json
+    from pathlib import Path
+
+    from domainfusion_bench.bench import BenchOptions, bench_collector, format_report, run_bench
+    from domainfusion_bench.bench.collector import format_collector
+    from domainfusion_bench.training import DEFAULT_DATA_DIR
+
+    if ns.collect is not None:
+        result = bench_collector(ns.collect)
+        print(json.dumps(result, indent=1) if ns.json else format_collector(result), end="\n" if ns.json else "")
+        return
+    data_dir = ns.data_dir or DEFAULT_DATA_DIR
+    if ns.synthetic_per_class is not None:
+        from domainfusion_bench.data.synthetic import SyntheticPACS, generate
+
+        generate(Path(data_dir) / SyntheticPACS.SUBDIR, per_class=ns.synthetic_per_class)
+    opts = BenchOptions(dataset=ns.dataset, algorithm=ns.algorithm, backbone=ns.backbone, resolution=ns.resolution,
+                        batch_size=ns.batch_size, steps=ns.steps, warmup=ns.warmup, device=ns.device,
+                        test_envs=ns.test_envs, data_dir=data_dir,
+                        profiles=["fast", "domainbed"] if ns.profile == "both" else [ns.profile],
+                        num_workers=ns.num_workers, hparams=ns.hparams, threads=ns.threads)
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr) if ns.json else contextlib.nullcontext():  # stdout: JSON only
+        report = run_bench(opts)
+    print(json.dumps(report, indent=1) if ns.json else format_report(report), end="\n" if ns.json else "")
+
+
+PARSERS = [_list_parser, _train_parser, _collect_parser, _download_parser, _bench_parser, _sweep_parser, _demo_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

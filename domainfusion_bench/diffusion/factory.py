@@ -1,0 +1,87 @@
+"""Backbones from a spec string, for a run: ``pixel_ddpm`` (trained here on the training domains and
+cached), ``sd:<local folder or hub id>`` (a diffusers Stable Diffusion checkpoint), ``sd:tiny`` (random
+tiny SD components built from configs: exercises the latent/text path offline, generates noise)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from domainfusion_bench.diffusion.backbones import Backbone, BackboneSpec, StableDiffusionBackbone
+from domainfusion_bench.diffusion.trainer import default_config, train_pixel_ddpm
+from domainfusion_bench.protocol import HOLDOUT_FRACTION
+
+
+def build_backbone(spec: str, *, dataset, train_envs: Sequence[int], test_envs: Sequence[int], cache_dir: str | Path,
+                   device: str | torch.device = "cpu", trial_seed: int = 0, holdout_fraction: float = HOLDOUT_FRACTION,
+                   costs=None, ddpm_steps: int | None = None, ddpm_overrides: dict | None = None,
+                   oracle: bool = False, progress: bool = True, made_by: str | None = None) -> Backbone:
+    """A backbone with the run's leakage guard installed (``oracle``: may condition on held-out domains)."""
+    parsed = BackboneSpec.parse(spec)
+    if parsed.kind == "pixel_ddpm":
+        config = default_config(dataset, steps=ddpm_steps, **(ddpm_overrides or {}))
+        trained = train_pixel_ddpm(dataset, train_envs, test_envs, trial_seed=trial_seed,
+                                   holdout_fraction=holdout_fraction, config=config, cache_dir=cache_dir,
+                                   device=device, progress=progress, costs=costs, allow_condition_on_held_out=oracle,
+                                   made_by=made_by)
+        return trained.backbone
+    common = dict(dataset=dataset.name, domains=dataset.domains, classes=dataset.classes,
+                  image_channels=int(dataset.input_shape[0]))
+    if parsed.source == "tiny":
+        from domainfusion_bench.diffusion.tiny import tiny_components
+
+        backbone = StableDiffusionBackbone.from_components(**tiny_components(), **common)
+    else:
+        dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+        backbone = StableDiffusionBackbone.from_pretrained(parsed.source, dtype=dtype, **common)
+    return backbone.to(device).restrict(test_envs, allow_condition=oracle)
+
+
+MODELS_SUBDIR = "diffusion"  # <cache_dir>/diffusion/pixel_ddpm/<key>/: trained backbones
+GENERATIONS_SUBDIR = "generations"  # <cache_dir>/generations/: images + manifest.jsonl
+
+
+def train_command(dataset_name: str, data_dir: str | Path, test_envs: Sequence[int], *, steps: int | None = None,
+                  cache_dir: str | Path | None = None, trial_seed: int = 0, holdout_fraction: float = HOLDOUT_FRACTION,
+                  device: str = "auto", preview: str | Path | None = None) -> Path:
+    """``dfbench diffusion train``: train (or find) the pixel DDPM CDGA would use for these test envs."""
+    from domainfusion_bench.data import get_dataset
+    from domainfusion_bench.errors import DfbenchError
+
+    dataset = get_dataset(dataset_name, data_dir)
+    n = len(dataset.domains)
+    if not test_envs or any(not 0 <= t < n for t in test_envs) or len(set(test_envs)) >= n:
+        raise DfbenchError(f"--test_envs {list(test_envs)} is not valid for {dataset.name} "
+                           f"(domains: {', '.join(f'{i}={d}' for i, d in enumerate(dataset.domains))})")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cache_dir = Path(cache_dir) if cache_dir else Path(data_dir) / ".dfbench_cache"
+    train_envs = [i for i in range(n) if i not in test_envs]
+    config = default_config(dataset, steps=steps)
+    trained = train_pixel_ddpm(dataset, train_envs, test_envs, trial_seed=trial_seed, holdout_fraction=holdout_fraction,
+                               config=config, cache_dir=cache_dir / MODELS_SUBDIR, device=device)
+    what = "found in cache" if trained.reused else "trained"
+    print(f"pixel DDPM {what}: {trained.path} ({trained.train_seconds:.1f} s of training, "
+          f"final loss {trained.backbone.info.get('final_loss', float('nan')):.4f}; "
+          f"domains {', '.join(dataset.domains[e] for e in train_envs)})")
+    if preview:
+        write_preview(trained.backbone, train_envs, Path(preview))
+        print(f"samples (rows: classes, columns: training domains) written to {preview}")
+    return trained.path
+
+
+def write_preview(backbone: Backbone, domains: Sequence[int], path: Path, guidance: float = 2.0, steps: int = 20) -> None:
+    """A grid of full samples: one row per class, one column per domain."""
+    from torchvision.utils import save_image
+
+    from domainfusion_bench.diffusion.samplers import DDIMSampler, SamplerConfig
+
+    classes = list(range(len(backbone.classes)))
+    class_ids = [c for c in classes for _ in domains]
+    domain_ids = [d for _ in classes for d in domains]
+    sampler = DDIMSampler(backbone, SamplerConfig(steps=steps, guidance_scale=guidance, batch_size=256))
+    out = sampler.sample(backbone.condition(class_ids, domain_ids), seeds=list(range(len(class_ids))))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(out.images, str(path), nrow=len(domains), padding=1)

@@ -1,0 +1,251 @@
+"""Train the small pixel DDPM on the training domains' in-splits only, and cache it.
+
+The weights are cached under ``<cache_dir>/pixel_ddpm/<key>/`` where the key hashes (dataset, its
+domains and sizes, training domains, split seed, holdout fraction, config). The first run that needs a
+model trains it (under a file lock, so parallel runs wait instead of training twice) and pays its
+``diffusion_train_seconds``; later runs load it and report the same seconds as ``reused_``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+
+from domainfusion_bench.diffusion.backbones import PixelDDPMBackbone, PixelDDPMConfig, resize
+from domainfusion_bench.diffusion.conditions import LeakageGuard
+from domainfusion_bench.errors import DfbenchError
+from domainfusion_bench.protocol import HOLDOUT_FRACTION, split_indices
+
+FORMAT = 1
+# ~1 minute on one CPU core for DigitStyles; enough for clean class- and domain-conditioned img2img at 32 px
+DEFAULT_STEPS = 200
+
+
+@dataclass(frozen=True)
+class DDPMTrainConfig:
+    model: PixelDDPMConfig = field(default_factory=PixelDDPMConfig)
+    steps: int = DEFAULT_STEPS
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    cond_dropout: float = 0.1  # per-condition dropout (class and domain separately) for classifier-free guidance
+    seed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["model"] = self.model.to_json()
+        return d
+
+
+def default_config(dataset, steps: int | None = None, **overrides) -> DDPMTrainConfig:
+    """The config dfbench uses for ``dataset`` (the CLI and CDGA share it, so they share the cache).
+
+    Small images are modelled at 32 px (28 px MNIST-sized ones are resized), larger ones at 64 px, on
+    2x2 patches: cheap enough to train and sample on a laptop CPU in well under a minute per model.
+    """
+    resolution = 32 if int(dataset.input_shape[-1]) <= 32 else 64
+    model_kw = {"resolution": resolution, "patch_size": 2}
+    model_kw.update({k: overrides.pop(k) for k in list(overrides) if k in PixelDDPMConfig.__dataclass_fields__})
+    if "block_out_channels" in model_kw:
+        model_kw["block_out_channels"] = tuple(model_kw["block_out_channels"])
+    unknown = sorted(set(overrides) - set(DDPMTrainConfig.__dataclass_fields__))
+    if unknown:
+        raise DfbenchError(f"unknown pixel DDPM setting(s) {', '.join(unknown)}. Known: "
+                           f"{', '.join(sorted(set(PixelDDPMConfig.__dataclass_fields__) | set(DDPMTrainConfig.__dataclass_fields__) - {'model'}))}")
+    config = DDPMTrainConfig(model=PixelDDPMConfig(**model_kw), **overrides)
+    return replace(config, steps=steps) if steps is not None else config
+
+
+def ddpm_key(dataset, train_envs: Sequence[int], trial_seed: int, holdout_fraction: float, config: DDPMTrainConfig) -> str:
+    ident = {"format": FORMAT, "dataset": dataset.name, "domains": list(dataset.domains), "sizes": dataset.sizes(),
+             "train_envs": sorted(int(e) for e in train_envs), "trial_seed": trial_seed,
+             "holdout_fraction": holdout_fraction, "config": config.to_json()}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+class InSplitImages(Dataset):
+    """(image in [0, 1] at ``resolution``, class, domain) for the in-splits of ``train_envs`` only."""
+
+    def __init__(self, dataset, train_envs: Sequence[int], trial_seed: int, holdout_fraction: float, resolution: int):
+        self.dataset, self.resolution = dataset, resolution
+        self.channels = int(dataset.input_shape[0])
+        self.items: list[tuple[int, int]] = []  # (domain, index in that domain)
+        self.index_record: dict[str, list[int]] = {}
+        for env in train_envs:
+            _, in_idx = split_indices(len(dataset.envs[env]), trial_seed, env, holdout_fraction)
+            self.items += [(env, i) for i in in_idx]
+            self.index_record[dataset.domains[env]] = list(in_idx)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int):
+        env, i = self.items[k]
+        x, y = self.dataset.envs[env][i]
+        return to_image_tensor(x, self.channels, self.resolution), int(y), env
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """All items as tensors when every domain is a TensorDataset (the embedded/MNIST fast path)."""
+        envs = {e for e, _ in self.items}
+        if not all(isinstance(self.dataset.envs[e], TensorDataset) for e in envs):
+            return None
+        xs, ys, ds = [], [], []
+        for env in sorted(envs):
+            idx = torch.tensor([i for e, i in self.items if e == env], dtype=torch.long)
+            x, y = self.dataset.envs[env].tensors[:2]
+            xs.append(resize(x[idx].float(), self.resolution))
+            ys.append(y[idx].long())
+            ds.append(torch.full((len(idx),), env, dtype=torch.long))
+        return torch.cat(xs), torch.cat(ys), torch.cat(ds)
+
+
+def to_image_tensor(x, channels: int, resolution: int | None = None) -> torch.Tensor:
+    """A dataset example (tensor in [0, 1] or PIL image) as a float [C, H, W] tensor in [0, 1]."""
+    if not isinstance(x, torch.Tensor):
+        from torchvision.transforms import functional as TF
+
+        x = TF.to_tensor(x.convert("RGB" if channels == 3 else "L"))
+    x = x.float()
+    if resolution is not None:
+        x = resize(x.unsqueeze(0), resolution).squeeze(0)
+    return x
+
+
+def _batches(data: InSplitImages, config: DDPMTrainConfig, workers: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(config.seed)
+    tensors = data.tensors()
+    if tensors is not None:
+        x, y, d = tensors
+        while True:
+            i = torch.randint(len(x), (config.batch_size,), generator=g)
+            yield x[i], y[i], d[i]
+    sampler = RandomSampler(data, replacement=True, num_samples=config.steps * config.batch_size, generator=g)
+    loader = DataLoader(data, batch_size=config.batch_size, sampler=sampler, num_workers=workers, drop_last=True)
+    yield from loader
+
+
+@dataclass
+class TrainedDDPM:
+    backbone: PixelDDPMBackbone
+    key: str
+    path: Path
+    train_seconds: float
+    reused: bool
+
+
+def train_pixel_ddpm(dataset, train_envs: Sequence[int], test_envs: Sequence[int], *, trial_seed: int = 0,
+                     holdout_fraction: float = HOLDOUT_FRACTION, config: DDPMTrainConfig | None = None,
+                     cache_dir: str | Path, device: str | torch.device = "cpu", progress: bool = True,
+                     costs=None, workers: int | None = None, allow_condition_on_held_out: bool = False,
+                     made_by: str | None = None) -> TrainedDDPM:
+    """Load the cached DDPM for these training domains, or train it on their in-splits and cache it.
+
+    The returned backbone is already restricted to ``test_envs`` (the leakage guard is installed).
+    ``costs`` (a CostMeter) gets ``diffusion_train_seconds``, and ``reused_diffusion_train_seconds``
+    when the weights came from the cache and were made by someone other than ``made_by`` (a run
+    that is resumed after a crash paid for the model it trained itself). Training does not touch the
+    caller's random state, so a run is the same whether it trained the model or found it.
+    """
+    from filelock import FileLock
+
+    guard = LeakageGuard(dataset.name, dataset.domains, test_envs)
+    train_envs = sorted(int(e) for e in train_envs)
+    if not train_envs:
+        raise DfbenchError("a diffusion model needs at least one training domain")
+    guard.check_train(train_envs)
+    config = config or default_config(dataset)
+    key = ddpm_key(dataset, train_envs, trial_seed, holdout_fraction, config)
+    root = Path(cache_dir) / "pixel_ddpm"
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / key[:24]
+    # building and initialising modules draws from the global RNG: keep the caller's streams untouched
+    rng_devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with FileLock(str(root / f"{key[:24]}.lock")), torch.random.fork_rng(devices=rng_devices):
+        reused = (path / PixelDDPMBackbone.META).exists()
+        if not reused:
+            backbone = _train(dataset, train_envs, trial_seed, holdout_fraction, config, key, device, progress, workers)
+            backbone.info["made_by"] = made_by
+            tmp = root / f".{key[:24]}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            backbone.save(tmp)
+            os.replace(tmp, path)
+        backbone = PixelDDPMBackbone.load(path, device)
+    if backbone.key != key:
+        raise DfbenchError(f"cached DDPM at {path} has key {backbone.key[:12]}, expected {key[:12]}; delete the folder")
+    seconds = float(backbone.info.get("train_seconds", 0.0))
+    if costs is not None:
+        costs.add("diffusion_train_seconds", seconds)
+        if reused and (made_by is None or backbone.info.get("made_by") != made_by):
+            costs.add("reused_diffusion_train_seconds", seconds)
+    backbone.restrict(test_envs, allow_condition=allow_condition_on_held_out)
+    return TrainedDDPM(backbone, key, path, seconds, reused)
+
+
+def _train(dataset, train_envs, trial_seed, holdout_fraction, config: DDPMTrainConfig, key, device, progress, workers):
+    from diffusers.optimization import get_constant_schedule_with_warmup
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    data = InSplitImages(dataset, train_envs, trial_seed, holdout_fraction, config.model.resolution)
+    channels = int(dataset.input_shape[0])
+    trained_on = {d: {"n": len(idx), "indices_sha": hashlib.sha256(json.dumps(sorted(idx)).encode()).hexdigest()[:16]}
+                  for d, idx in data.index_record.items()}
+    info = {"train_envs": train_envs, "trial_seed": trial_seed, "holdout_fraction": holdout_fraction,
+            "trained_on": trained_on, "train_config": config.to_json()}
+    torch.manual_seed(config.seed)
+    backbone = PixelDDPMBackbone.create(config.model, dataset=dataset.name, domains=dataset.domains,
+                                        classes=dataset.classes, image_channels=channels, seen_domains=train_envs,
+                                        key=key, info=info)
+    backbone.to(device)
+    model = backbone.model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    lr_schedule = get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
+    n_domains, T = len(dataset.domains), backbone.num_train_timesteps
+    g = torch.Generator().manual_seed(config.seed + 1)
+    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    start, losses = time.perf_counter(), []
+    bar = tqdm(range(config.steps), desc=f"pixel DDPM {dataset.name} on {','.join(dataset.domains[e] for e in train_envs)}",
+               disable=not progress, mininterval=1.0, dynamic_ncols=True)
+    batches = _batches(data, config, workers)
+    for step in bar:
+        x, y, d = next(batches)
+        x, y, d = x.to(device), y.to(device), d.to(device)
+        b = len(x)
+        noise = torch.randn(x.shape, generator=g).to(device)
+        t = torch.randint(0, T, (b,), generator=g).to(device)
+        z_t = backbone.add_noise(x * 2 - 1, noise, t)
+        drop_class = (torch.rand(b, generator=g) < config.cond_dropout).to(device)
+        drop_domain = (torch.rand(b, generator=g) < config.cond_dropout).to(device)
+        y = torch.where(drop_class, torch.full_like(y, -1), y)
+        w = F.one_hot(d, n_domains).float() * (~drop_domain).float().unsqueeze(1)
+        with autocast:
+            out = model(z_t, t, y, w)
+        target = noise if config.model.prediction == "epsilon" else x * 2 - 1
+        loss = F.mse_loss(out.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        losses.append(loss.item())
+        if step % 20 == 0 or step == config.steps - 1:
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tail = losses[-50:] or [float("nan")]
+    backbone.info.update(train_seconds=time.perf_counter() - start, final_loss=sum(tail) / len(tail),
+                         device=str(device), created=time.time())
+    model.eval()
+    return backbone

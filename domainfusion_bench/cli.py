@@ -123,59 +123,28 @@ def _run_collect(ns) -> None:
         sys.stdout.write(text)
 
 
-def _bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="throughput: training vs ceiling, eval, memory; fast vs DomainBed settings; collector")
-    p.add_argument("--dataset", default="synthetic-pacs", help="registered name or folder:<path> (default: %(default)s, generated)")
-    p.add_argument("--algorithm", default="ERM")
-    p.add_argument("--backbone", default="resnet50", help="resnet50 | resnet18 | cnn (untrained weights: speed only)")
-    p.add_argument("--resolution", type=int, default=224, help="image size for folder datasets (default: %(default)s)")
-    p.add_argument("--batch_size", type=int, default=32, help="per training domain, as DomainBed's (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=20, help="timed training steps, after --warmup untimed ones")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--test_envs", type=int, nargs="+", default=[0])
-    p.add_argument("--data_dir", default=None, help="root of the datasets (default: datasets, or $DFBENCH_DATA)")
-    p.add_argument("--profile", choices=["fast", "domainbed", "both"], default="fast",
-                   help="fast: dfbench's defaults; domainbed: fp32, no channels_last, 8 workers per loader, no pinned "
-                        "memory, augmented all-split eval; both: side by side, with the ratio")
-    p.add_argument("--num_workers", type=int, default=None, help="override every profile's worker count")
-    p.add_argument("--hparams", default=None, help="more JSON hparam overrides, e.g. '{\"cnn_width\": 16}'")
-    p.add_argument("--synthetic_per_class", type=int, default=None,
-                   help="(re)generate synthetic-pacs with this many images per domain and class first")
-    p.add_argument("--collect", type=int, default=None, metavar="N",
-                   help="instead: time dfbench collect + selection on N generated records")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 on a busy CPU)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.set_defaults(func=_run_bench)
+def _diffusion_parser(sub) -> None:
+    p = sub.add_parser("diffusion", help="diffusion backbones: train the small pixel DDPM generative methods use")
+    dsub = p.add_subparsers(dest="diffusion_command", required=True)
+    t = dsub.add_parser("train", help="train (or find in the cache) the pixel DDPM for a dataset's training domains")
+    t.add_argument("--dataset", required=True, help="registered name, or folder:<path>")
+    t.add_argument("--test_envs", type=int, nargs="+", required=True, help="held-out domains: never seen by the model")
+    t.add_argument("--steps", type=int, default=None, help="training steps (default: what CDGA uses, so its runs reuse it)")
+    t.add_argument("--data_dir", default=None, help="root of the datasets (default: datasets, or $DFBENCH_DATA)")
+    t.add_argument("--cache_dir", default=None, help="default: <data_dir>/.dfbench_cache (where training runs look)")
+    t.add_argument("--trial_seed", type=int, default=0, help="seeds the in/out splits (train on in-splits only)")
+    t.add_argument("--holdout_fraction", type=float, default=0.2)
+    t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    t.add_argument("--preview", default=None, metavar="PNG", help="also write a grid of samples (class x domain)")
+    t.set_defaults(func=_run_diffusion_train)
 
 
-def _run_bench(ns) -> None:
-    import json
-    from pathlib import Path
-
-    from domainfusion_bench.bench import BenchOptions, bench_collector, format_report, run_bench
-    from domainfusion_bench.bench.collector import format_collector
+def _run_diffusion_train(ns) -> None:
+    from domainfusion_bench.diffusion.factory import train_command
     from domainfusion_bench.training import DEFAULT_DATA_DIR
 
-    if ns.collect is not None:
-        result = bench_collector(ns.collect)
-        print(json.dumps(result, indent=1) if ns.json else format_collector(result), end="\n" if ns.json else "")
-        return
-    data_dir = ns.data_dir or DEFAULT_DATA_DIR
-    if ns.synthetic_per_class is not None:
-        from domainfusion_bench.data.synthetic import SyntheticPACS, generate
-
-        generate(Path(data_dir) / SyntheticPACS.SUBDIR, per_class=ns.synthetic_per_class)
-    opts = BenchOptions(dataset=ns.dataset, algorithm=ns.algorithm, backbone=ns.backbone, resolution=ns.resolution,
-                        batch_size=ns.batch_size, steps=ns.steps, warmup=ns.warmup, device=ns.device,
-                        test_envs=ns.test_envs, data_dir=data_dir,
-                        profiles=["fast", "domainbed"] if ns.profile == "both" else [ns.profile],
-                        num_workers=ns.num_workers, hparams=ns.hparams, threads=ns.threads)
-    import contextlib
-
-    with contextlib.redirect_stdout(sys.stderr) if ns.json else contextlib.nullcontext():  # stdout: JSON only
-        report = run_bench(opts)
-    print(json.dumps(report, indent=1) if ns.json else format_report(report), end="\n" if ns.json else "")
+    train_command(ns.dataset, ns.data_dir or DEFAULT_DATA_DIR, ns.test_envs, steps=ns.steps, cache_dir=ns.cache_dir,
+                  trial_seed=ns.trial_seed, holdout_fraction=ns.holdout_fraction, device=ns.device, preview=ns.preview)
 
 
 def _add_spec_overrides(p, spec_default: str | None = None) -> None:
@@ -364,7 +333,8 @@ def _run_bench(ns) -> None:
     print(json.dumps(report, indent=1) if ns.json else format_report(report), end="\n" if ns.json else "")
 
 
-PARSERS = [_list_parser, _train_parser, _collect_parser, _download_parser, _bench_parser, _sweep_parser, _demo_parser]
+PARSERS = [_list_parser, _train_parser, _collect_parser, _download_parser, _diffusion_parser, _sweep_parser,
+           _demo_parser, _bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

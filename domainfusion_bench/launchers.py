@@ -267,6 +267,8 @@ class PoolLauncher(Launcher):
 
     def launch(self, jobs: Sequence[Job]) -> LaunchResult:
         slots, prefix, torch_threads = self.slots(), self.prefix(), self.threads()
+        if not jobs:
+            return LaunchResult()
         todo: queue.Queue[Job] = queue.Queue()
         for job in jobs:
             todo.put(job)

@@ -8,6 +8,8 @@ an averages table (columns: datasets, then Avg).
   sqrt(n), ``ci95`` = half-width of the t-based 95% interval (t_{0.975, n-1} * sem). With one trial,
   ``sem`` and ``ci95`` have no bar.
 - "Avg" is the unweighted mean of the row's column means (X when a column has no value).
+- Columns are the domains some single-test-env run holds out (all of them in a full sweep); a partial
+  sweep's tables say which domains are left out and that Avg covers only the rest.
 - The averages table first averages each trial over the dataset's domains (a trial counts only when it
   has a value for every domain), then takes mean +- error over those trials.
 - ``(n=k)`` follows a cell with fewer trials than the dataset has; ``X`` marks a cell without any, and
@@ -190,13 +192,19 @@ def build_leaderboard(records: pd.DataFrame, domains: Mapping[str, Sequence[str]
         n_envs[dataset] = n
         names[dataset] = given if len(given) == n else [f"env{i}" for i in range(n)]
     selected = select_all(records, list(selections), n_envs)
+    shown = held_out_envs(records, n_envs)
+    selected = selected[[env in shown[d] for d, env in zip(selected["dataset"], selected["test_env"])]]
     board = Leaderboard(tables=[], error=error, selections=list(selections), summary=summary, domains=names,
                         selected=selected)
     for method in selections:
         sel = selected[selected["selection"] == method]
         for dataset in sorted(names):
-            board.tables.append(_dataset_table(sel[sel["dataset"] == dataset], method, dataset, names[dataset], error))
-        board.tables.append(_averages_table(sel, method, names, error))
+            board.tables.append(_dataset_table(sel[sel["dataset"] == dataset], method, dataset, names[dataset],
+                                               shown[dataset], error))
+        averages = _averages_table(sel, method, names, error)
+        averages.notes += [f"{d}: averaged over the {len(shown[d])} of {len(names[d])} domains some run holds out"
+                           for d in sorted(names) if len(shown[d]) < len(names[d])]
+        board.tables.append(averages)
     if costs:
         board.costs = cost_frame(records)
         for dataset in sorted(names):
@@ -208,9 +216,21 @@ def leaderboard_from_collection(coll, **kwargs) -> Leaderboard:
     return build_leaderboard(coll.records, coll.domains, summary=coll.summary(), **kwargs)
 
 
-def _dataset_table(sel: pd.DataFrame, method: str, dataset: str, domain_names: list[str], error: str) -> Table:
+def held_out_envs(records: pd.DataFrame, n_envs: Mapping[str, int]) -> dict[str, list[int]]:
+    """Per dataset, the domains some single-test-env run holds out; all domains when none does.
+
+    A sweep that holds out only some domains (a quick demo) gets columns for those alone instead of a
+    row of X cells; the table says which domains are left out and that its Avg covers only these.
+    """
+    singles = records[records["n_test_envs"] == 1]
+    held = singles.groupby("dataset")["test_env"].unique()
+    return {d: sorted(int(e) for e in held[d]) if d in held.index else list(range(n)) for d, n in n_envs.items()}
+
+
+def _dataset_table(sel: pd.DataFrame, method: str, dataset: str, domain_names: list[str], envs: list[int],
+                   error: str) -> Table:
     rows = algorithm_order(sel["algorithm"])
-    cols = list(domain_names)
+    cols = [domain_names[env] for env in envs]
     expected = int(sel["trial_seed"].nunique())
     stats = _summarise(sel.assign(acc=sel["test_acc"] * 100), ["algorithm", "test_env"], "acc", error)
     stats = {(a, int(t)): (m, e, int(n)) for a, t, m, n, e in stats[["algorithm", "test_env", "mean", "n", "error"]]
@@ -220,7 +240,7 @@ def _dataset_table(sel: pd.DataFrame, method: str, dataset: str, domain_names: l
     cells: dict[tuple[str, str], Cell] = {}
     for alg in rows:
         means, ns = [], []
-        for env, col in enumerate(cols):
+        for env, col in zip(envs, cols):
             m, e, n = stats.get((alg, env), (None, None, 0))
             cells[(alg, col)] = Cell(m, e, n, expected, reasons.get((alg, env)))
             means.append(m)
@@ -233,6 +253,10 @@ def _dataset_table(sel: pd.DataFrame, method: str, dataset: str, domain_names: l
     table = Table("dataset", f"Dataset: {dataset}, model selection method: {METHODS[method]}", cols + ["Avg"], rows,
                   cells, selection=method, dataset=dataset)
     table.notes = _notes(table)
+    left_out = [name for env, name in enumerate(domain_names) if env not in envs]
+    if left_out:
+        table.notes.insert(0, f"no run holds out {', '.join(left_out)}: those columns are left out, and Avg is "
+                              f"over the {len(envs)} of {len(domain_names)} domains shown")
     return table
 
 

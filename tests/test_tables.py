@@ -115,7 +115,9 @@ def test_fewer_trials_are_shown_and_explained():
 
 
 def test_missing_cell_is_X_with_reason_and_avg_is_X():
+    # Another algorithm holds out env 1, so the column stays and ERM's cell there is X, with the reason.
     recs = [r for r in hand_records() if r["args"]["test_envs"] != [1]]
+    recs.append(record("D", "CORAL", [1], 0, 0, 0, env1_in_acc=0.6, env1_out_acc=0.5, env0_out_acc=0.5))
     board = hand_board(recs, selections=["iid", "loo"])
     text = render(board, "text")
     iid = cells(board)
@@ -123,6 +125,20 @@ def test_missing_cell_is_X_with_reason_and_avg_is_X():
     assert pd.isna(iid[("ERM", "Avg")].mean)
     assert re.search(r"^ERM\s+85\.0 \+/- 3\.5\s+X\s+X$", text, re.M)
     assert "ERM / left: trials 0-1: no pair runs (test_envs [t, v]) for this dataset" in text
+
+
+def test_partial_sweep_shows_only_held_out_domains():
+    # No run holds out env 1 (a quick sweep over some domains): its column is left out, said so, and
+    # Avg / the averages table cover the held-out domain only.
+    recs = [r for r in hand_records() if r["args"]["test_envs"] != [1]]
+    board = hand_board(recs, selections=["iid"])
+    text = render(board, "text")
+    iid = cells(board)
+    assert ("ERM", "right") not in iid
+    assert iid[("ERM", "Avg")].mean == pytest.approx(85.0)
+    assert cells(board, table="averages")[("ERM", "D")].mean == pytest.approx(85.0)
+    assert "no run holds out right: those columns are left out, and Avg is over the 1 of 2 domains shown" in text
+    assert "D: averaged over the 1 of 2 domains some run holds out" in text
 
 
 def test_cost_tables():
@@ -226,7 +242,8 @@ def _board(root):
 
 
 def test_latex_escapes_names():
-    frame, _ = records_to_frame([record("My_Data&Co", "ERM_v2", [0], 0, 0, 0, env0_in_acc=0.5, env1_out_acc=0.5)])
+    frame, _ = records_to_frame([record("My_Data&Co", "ERM_v2", [0], 0, 0, 0, env0_in_acc=0.5, env1_out_acc=0.5),
+                                 record("My_Data&Co", "ERM_v2", [1], 0, 0, 0, env1_in_acc=0.5, env0_out_acc=0.5)])
     tex = render(build_leaderboard(frame, {"My_Data&Co": ["50%", "#2"]}), "latex")
     assert "My\\_Data\\&Co" in tex and "ERM\\_v2" in tex and "50\\%" in tex and "\\#2" in tex
 

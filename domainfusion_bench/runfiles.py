@@ -18,6 +18,8 @@ RESULTS = "results.jsonl"
 DONE = "done"
 FAILED = "failed"
 LOCK = "lock"
+# A lock written on another host counts as held while its heartbeat (mtime) is this recent.
+HEARTBEAT_TIMEOUT_S = 15 * 60
 RESUME = "resume.pt"
 SPLITS = "splits.json"
 MODEL = "model.pkl"
@@ -72,6 +74,49 @@ def keep_records_through(run_dir: Path, last_step: int) -> None:
 def write_lock(run_dir: Path) -> None:
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
     atomic_write_text(run_dir / LOCK, json.dumps(info))
+
+
+def pid_alive(pid: int, since: float | None = None) -> bool:
+    """Is ``pid`` a live (non-zombie) process on this host, started no later than ``since``?"""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return True  # not Linux, or it just ended: os.kill said alive
+    if fields[0] in ("Z", "X"):  # zombie or dead: killed, not yet reaped
+        return False
+    if since is not None:  # pid reused by a process that started after the lock was written
+        try:
+            boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+            started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+            if started > since + 2.0:
+                return False
+        except (OSError, StopIteration, ValueError, IndexError):
+            pass
+    return True
+
+
+def lock_holder(run_dir: Path) -> tuple[dict[str, Any] | None, bool]:
+    """(lock info, alive) of a run dir's lock; (None, False) when there is no lock."""
+    lock = Path(run_dir) / LOCK
+    try:
+        mtime = lock.stat().st_mtime
+    except FileNotFoundError:
+        return None, False
+    info = read_json(lock) or {}
+    if info.get("host", socket.gethostname()) == socket.gethostname():
+        alive = pid_alive(info.get("pid", -1), info.get("started"))
+    else:
+        alive = time.time() - mtime < HEARTBEAT_TIMEOUT_S
+    return info, alive
 
 
 def heartbeat(run_dir: Path) -> None:

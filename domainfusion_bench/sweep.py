@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from domainfusion_bench import runfiles
+from domainfusion_bench.runfiles import lock_holder, pid_alive  # noqa: F401  (re-exported)
 from domainfusion_bench.algorithms import ALGORITHMS, algorithm_space, load_plugins
 from domainfusion_bench.data import FOLDER_PREFIX, dataset_class, get_dataset
 from domainfusion_bench.data.folder import ImageFolderDataset
@@ -40,8 +41,6 @@ SWEEP_SET_ARGS = frozenset({
     "checkpoint_freq", "holdout_fraction", "output_dir", "data_dir", "plugins",
 })
 TRAIN_ARG_FIELDS = {f.name: f for f in dataclasses.fields(TrainArgs)}
-# A lock written on another host counts as running while its heartbeat (mtime) is this recent.
-HEARTBEAT_TIMEOUT_S = 15 * 60
 
 
 # ----------------------------------------------------------------------------------------- specs
@@ -445,49 +444,6 @@ class State(str, Enum):
 class RunState:
     state: State
     reason: str = ""  # failed: the last error line; running: who holds the lock
-
-
-def pid_alive(pid: int, since: float | None = None) -> bool:
-    """Is ``pid`` a live (non-zombie) process on this host, started no later than ``since``?"""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return True  # not Linux, or it just ended: os.kill said alive
-    if fields[0] in ("Z", "X"):  # zombie or dead: killed, not yet reaped
-        return False
-    if since is not None:  # pid reused by a process that started after the lock was written
-        try:
-            boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
-            started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-            if started > since + 2.0:
-                return False
-        except (OSError, StopIteration, ValueError, IndexError):
-            pass
-    return True
-
-
-def lock_holder(run_dir: Path) -> tuple[dict[str, Any] | None, bool]:
-    """(lock info, alive) of a run dir's lock; (None, False) when there is no lock."""
-    lock = run_dir / runfiles.LOCK
-    try:
-        mtime = lock.stat().st_mtime
-    except FileNotFoundError:
-        return None, False
-    info = runfiles.read_json(lock) or {}
-    if info.get("host", socket.gethostname()) == socket.gethostname():
-        alive = pid_alive(info.get("pid", -1), info.get("started"))
-    else:
-        alive = time.time() - mtime < HEARTBEAT_TIMEOUT_S
-    return info, alive
 
 
 def last_line(path: Path) -> str:

@@ -305,6 +305,12 @@ def train(args: TrainArgs) -> Path:
         return run_dir
     runtime = Runtime(args)
     if runtime.is_main:
+        holder, alive = runfiles.lock_holder(run_dir)  # a launcher's claim is ours to take over
+        if alive and not holder.get("launcher") and holder.get("pid") != os.getpid():
+            raise DfbenchError(
+                f"{run_dir} is being trained right now by process {holder.get('pid')} on {holder.get('host', '?')} "
+                "(see its lock file): wait for it to finish, or stop that process and run this again to resume"
+            )
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / runfiles.FAILED).unlink(missing_ok=True)
         runfiles.write_lock(run_dir)

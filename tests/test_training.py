@@ -115,3 +115,39 @@ def test_nan_loss_fails_the_run_clearly(tiny_train_args, tmp_path):
         train(args)
     run_dir = tmp_path / "run"
     assert (run_dir / runfiles.FAILED).exists() and not (run_dir / runfiles.DONE).exists()
+
+
+def test_a_run_held_by_a_live_process_is_not_trained_twice(tiny_train_args, tmp_path):
+    import socket
+    import subprocess
+    import time
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        lock = {"pid": other.pid, "host": socket.gethostname(), "started": time.time()}
+        (run_dir / runfiles.LOCK).write_text(json.dumps(lock))
+        with pytest.raises(DfbenchError, match=f"being trained right now by process {other.pid}"):
+            train(tiny_train_args(steps=2))
+        assert not (run_dir / runfiles.RESULTS).exists() and not (run_dir / runfiles.FAILED).exists()
+        # a launcher's claim on the run is taken over
+        (run_dir / runfiles.LOCK).write_text(json.dumps({**lock, "launcher": True}))
+        train(tiny_train_args(steps=2))
+        assert (run_dir / runfiles.DONE).exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_lock_left_by_a_dead_process_does_not_block_resuming(tiny_train_args, tmp_path):
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / runfiles.LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    train(tiny_train_args(steps=2))
+    assert (run_dir / runfiles.DONE).exists()

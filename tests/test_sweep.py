@@ -101,7 +101,7 @@ def test_load_spec_with_cli_overrides(tmp_path):
 def test_shipped_specs_are_valid():
     demo = load_spec(REPO / "sweeps" / "demo.yaml")
     assert set(demo.algorithms) == set(__import__("domainfusion_bench.algorithms").algorithms.ALGORITHMS.names())
-    assert demo.datasets == ["RotatedDigits"] and demo.output_dir == str(Path("results") / "demo")
+    assert demo.datasets == ["DigitStyles"] and demo.output_dir == str(Path("results") / "demo")
     published = load_spec(REPO / "sweeps" / "domainbed2020.yaml")
     assert (published.n_hparams, published.n_trials, published.test_envs) == (20, 3, "singles+pairs")
     assert {"PACS", "VLCS", "OfficeHome", "TerraIncognita", "DomainNet", "RotatedMNIST", "ColoredMNIST"} == set(

@@ -378,6 +378,9 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
         if runtime.is_main:
             runfiles.keep_records_through(run_dir, state["step"])
             print(f"resuming from step {start_step}")
+    elif runtime.is_main:
+        # killed after a record but before its resume point: those records are redone from step 0
+        runfiles.keep_records_through(run_dir, -1)
 
     eval_bs = args.eval_batch_size or (1024 if runtime.cuda else 256)
     batch_size = hparams["batch_size"]

@@ -151,3 +151,13 @@ def test_a_lock_left_by_a_dead_process_does_not_block_resuming(tiny_train_args, 
     (run_dir / runfiles.LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
     train(tiny_train_args(steps=2))
     assert (run_dir / runfiles.DONE).exists()
+
+
+def test_records_without_a_resume_point_are_redone_not_duplicated(tiny_train_args, tmp_path):
+    """Killed after the step-0 record but before its resume point: the rerun starts at 0 and writes it once."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / runfiles.RESULTS).write_text(json.dumps({"step": 0, "stale": True}) + "\n" + '{"step": 5, "env')
+    train(tiny_train_args(steps=11, checkpoint_freq=5))
+    assert [r["step"] for r in read(run_dir)] == [0, 5, 10]
+    assert "stale" not in read(run_dir)[0]

@@ -217,6 +217,24 @@ def model_input(x: torch.Tensor, runtime: "Runtime", channels_last: bool) -> tor
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
+def set_up(algorithm: Algorithm, context: TrainingContext, eval_splits: Sequence[SplitDataset], runtime: Runtime,
+           speed: Speed) -> tuple[list[SplitDataset], bool, bool]:
+    """Let the algorithm prepare (a generative one generates here), then put data and model on the device
+    and build its optimizers. Returns the splits it trains on, channels_last, and whether batches are pinned."""
+    replaced = algorithm.prepare(context)
+    train_splits = list(context.train_splits if replaced is None else replaced)
+    data_to_device(train_splits + list(eval_splits), runtime.device, speed)
+    channels_last = runtime.cuda if speed.channels_last is None else speed.channels_last
+    pin = runtime.cuda if speed.pin_memory is None else speed.pin_memory
+    algorithm.to(runtime.device)
+    if channels_last:
+        algorithm.to(memory_format=torch.channels_last)
+    params = [p for p in algorithm.parameters() if p.requires_grad]
+    algorithm.backward = lambda loss: runtime.backward(loss, params)
+    algorithm.setup_optimizers()
+    return train_splits, channels_last, pin
+
+
 def splits_to_evaluate(n_domains: int, test_envs: Sequence[int], mode: str) -> list[str]:
     """``needed``: what model selection reads (train domains' out, test domains' in and out)."""
     if mode == "all":
@@ -353,19 +371,7 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
     costs = CostMeter()
     context = TrainingContext(dataset, train_envs, list(args.test_envs), train_splits, hparams, args,
                               runtime.device, costs, Path(args.data_dir) / ".dfbench_cache")
-    replaced = algorithm.prepare(context)
-    if replaced is not None:
-        train_splits = list(replaced)
-
-    data_to_device(list(train_splits) + list(splits.values()), runtime.device, speed)
-    channels_last = runtime.cuda if speed.channels_last is None else speed.channels_last
-    pin = runtime.cuda if speed.pin_memory is None else speed.pin_memory
-    algorithm.to(runtime.device)
-    if channels_last:
-        algorithm.to(memory_format=torch.channels_last)
-    params = [p for p in algorithm.parameters() if p.requires_grad]
-    algorithm.backward = lambda loss: runtime.backward(loss, params)
-    algorithm.setup_optimizers()
+    train_splits, channels_last, pin = set_up(algorithm, context, list(splits.values()), runtime, speed)
 
     start_step, elapsed_before = 0, 0.0
     resume_path = run_dir / runfiles.RESUME

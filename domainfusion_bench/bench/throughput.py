@@ -23,8 +23,8 @@ from domainfusion_bench.data import get_dataset
 from domainfusion_bench.data.loaders import training_batches
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.training import (
-    DEFAULT_DATA_DIR, Runtime, Speed, TrainArgs, TrainingContext, accuracy, data_to_device, default_workers,
-    load_data, make_splits, model_input, resolve_hparams, splits_to_evaluate,
+    DEFAULT_DATA_DIR, Runtime, Speed, TrainArgs, TrainingContext, accuracy, default_workers, load_data,
+    make_splits, model_input, resolve_hparams, set_up, splits_to_evaluate,
 )
 
 
@@ -112,16 +112,7 @@ def bench_profile(opts: BenchOptions, profile: Profile) -> dict[str, Any]:
     algorithm = cls(dataset.input_shape, dataset.num_classes, len(train_envs), hparams)
     context = TrainingContext(dataset, train_envs, list(args.test_envs), train_splits, hparams, args,
                               runtime.device, CostMeter(), Path(args.data_dir) / ".dfbench_cache")
-    train_splits = list(algorithm.prepare(context) or train_splits)
-    data_to_device(train_splits + list(splits.values()), runtime.device, speed)
-    channels_last = runtime.cuda if speed.channels_last is None else speed.channels_last
-    pin = runtime.cuda if speed.pin_memory is None else speed.pin_memory
-    algorithm.to(runtime.device)
-    if channels_last:
-        algorithm.to(memory_format=torch.channels_last)
-    params = [p for p in algorithm.parameters() if p.requires_grad]
-    algorithm.backward = lambda loss: runtime.backward(loss, params)
-    algorithm.setup_optimizers()
+    train_splits, channels_last, pin = set_up(algorithm, context, list(splits.values()), runtime, speed)
 
     batches = training_batches(train_splits, hparams["batch_size"], args.seed, num_workers=workers, pin_memory=pin,
                                rank=runtime.rank, world=runtime.world, device=runtime.device,

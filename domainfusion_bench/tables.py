@@ -54,7 +54,9 @@ COST_LABELS = {
     "cost_nfes": ("NFEs", "{:.0f}"),
     "cost_nfe": ("NFEs", "{:.0f}"),
     "cost_generation_seconds": ("generation (s)", "{:.1f}"),
+    "cost_diffusion_train_seconds": ("diffusion train (s)", "{:.1f}"),
 }
+REUSED = "cost_reused_"  # work done once (by another run or an earlier attempt) and reused by this run
 
 
 @dataclass
@@ -317,6 +319,9 @@ def _cost_label(key: str) -> tuple[str, str]:
         return COST_COLUMNS[key][0], COST_COLUMNS[key][2]
     if key in COST_LABELS:
         return COST_LABELS[key]
+    if key.startswith(REUSED):
+        label, fmt = _cost_label("cost_" + key[len(REUSED):])
+        return f"reused {label}", fmt
     return key[len("cost_"):].replace("_", " "), "{:.4g}"
 
 
@@ -373,13 +378,16 @@ def render_text(board: Leaderboard) -> str:
         out.append(board.summary)
     out.append(error_description(board.error))
     for table in board.tables:
-        width = 25 if table.kind == "averages" else 20
         grid = [["Algorithm", *table.columns]] + [[r, *row] for r, row in zip(table.rows, _grid(table, "text"))]
-        width = max([width] + [len(s) for row in grid for s in row])
+        if table.kind == "costs":  # many unlike columns: each as wide as it needs
+            widths = [max(len(row[i]) for row in grid) for i in range(len(grid[0]))]
+        else:  # DomainBed's look: one width for every column
+            width = max([25 if table.kind == "averages" else 20] + [len(s) for row in grid for s in row])
+            widths = [width] * len(grid[0])
         out.append("")
         out.append(f"-------- {table.title}")
         for row in grid:
-            out.append("  ".join(s.ljust(width) for s in row).rstrip())
+            out.append("  ".join(s.ljust(w) for s, w in zip(row, widths)).rstrip())
         for note in table.notes:
             out.append(f"  * {note}")
     return "\n".join(out) + "\n"

@@ -19,7 +19,7 @@ import pytest
 from domainfusion_bench import cli
 from domainfusion_bench.collect import records_to_frame
 from domainfusion_bench.report import leaderboard, render_html, write_leaderboard
-from domainfusion_bench.tables import build_leaderboard, error_bar, long_form, render
+from domainfusion_bench.tables import build_leaderboard, error_bar, long_form, render, render_text
 from results_factory import make_sweep, record, write_run
 
 pytestmark = pytest.mark.filterwarnings("ignore::domainfusion_bench.collect.CollectWarning")
@@ -147,7 +147,8 @@ def test_cost_tables():
                images_per_s=100.0 + s * 100, mem_gb=1.0 + s) for s in (0, 1)
     ] + [
         record("D", "Gen", [0], 0, 0, s, env0_in_acc=0.5, env1_out_acc=0.5, wall_time=40.0 * (s + 1), images_per_s=50.0,
-               mem_gb=2.0, cost_generated_images=10.0 * (s + 1), cost_nfes=7.0 * (s + 1)) for s in (0, 1)
+               mem_gb=2.0, cost_generated_images=10.0 * (s + 1), cost_nfes=7.0 * (s + 1), cost_diffusion_train_seconds=3.0,
+               cost_reused_generation_seconds=1.25) for s in (0, 1)
     ]
     frame, _ = records_to_frame(root_recs, run=["a", "a", "b", "b"])
     board = build_leaderboard(frame, selections=["iid"], costs=True)
@@ -158,6 +159,9 @@ def test_cost_tables():
     assert c[("Gen", "generated images")].mean == 20.0 and c[("Gen", "NFEs")].mean == 14.0
     assert pd.isna(c[("ERM", "generated images")].mean)
     assert c[("ERM", "runs")].mean == 1
+    assert c[("Gen", "diffusion train (s)")].mean == 3.0 and c[("Gen", "reused generation (s)")].mean == 1.25
+    text = render_text(board)
+    assert "reused generation (s)" in text and "Gen        1     " in text  # cost columns only as wide as needed
 
 
 # ---------------------------------------------------------------------------------------------------

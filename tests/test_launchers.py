@@ -245,10 +245,13 @@ def test_sweep_killed_mid_run_resumes_without_loss_or_duplicates(tmp_path):
     assert (stall / "stalled").exists(), proc.stderr.read() if proc.poll() is not None else "timed out"
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its runs die at once, like a lost machine
     proc.wait()
+    stalled_pid, deadline = int((stall / "stalled").read_text()), time.time() + 30
+    while runfiles.pid_alive(stalled_pid) and time.time() < deadline:  # SIGKILL completes asynchronously
+        time.sleep(0.1)
 
     states = job_states(jobs)
     stalled = next(j for j in jobs if (j.run_dir / runfiles.LOCK).exists()
-                   and json.loads((j.run_dir / runfiles.LOCK).read_text())["pid"] == int((stall / "stalled").read_text()))
+                   and json.loads((j.run_dir / runfiles.LOCK).read_text())["pid"] == stalled_pid)
     assert sweep.run_state(stalled.run_dir).state == State.FAILED  # its lock's process is gone
     assert "is gone" in sweep.run_state(stalled.run_dir).reason
     assert [r["step"] for r in runfiles.read_records(stalled.run_dir / runfiles.RESULTS)[0]] == [0, 5]

@@ -40,8 +40,8 @@ from domainfusion_bench import runfiles
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.registry import Registry
 from domainfusion_bench.sweep import (
-    Job, State, SweepSpec, check_data, count_states, failure_reason, format_counts, job_states, lock_holder,
-    make_jobs, module_prefix, run_state,
+    Job, State, SweepSpec, check_data, count_states, failure_reason, format_counts, job_states, make_jobs,
+    module_prefix, run_state,
 )
 
 LAUNCH_LOG = "launch_stderr.txt"  # the child's stderr, as the launcher saw it
@@ -87,7 +87,7 @@ def _tail(path: Path, n: int) -> list[str]:
 
 def release(run_dir: Path, returncode: int | None) -> Outcome:
     """After the child exits: record why it failed if it could not, and drop a lock nobody holds."""
-    info, alive = lock_holder(run_dir)
+    info, alive = runfiles.lock_holder(run_dir)
     if info is not None and (info.get("pid") == os.getpid() or not alive):
         (run_dir / runfiles.LOCK).unlink(missing_ok=True)
     if (run_dir / runfiles.DONE).exists():

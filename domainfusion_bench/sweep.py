@@ -13,11 +13,8 @@ import dataclasses
 import difflib
 import itertools
 import json
-import os
 import shutil
-import socket
 import sys
-import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -26,7 +23,6 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from domainfusion_bench import runfiles
-from domainfusion_bench.runfiles import lock_holder, pid_alive  # noqa: F401  (re-exported)
 from domainfusion_bench.algorithms import ALGORITHMS, algorithm_space, load_plugins
 from domainfusion_bench.data import FOLDER_PREFIX, dataset_class, get_dataset
 from domainfusion_bench.data.folder import ImageFolderDataset
@@ -465,7 +461,7 @@ def run_state(run_dir: Path) -> RunState:
     run_dir = Path(run_dir)
     if (run_dir / runfiles.DONE).exists():
         return RunState(State.DONE)
-    info, alive = lock_holder(run_dir)
+    info, alive = runfiles.lock_holder(run_dir)
     if alive:
         return RunState(State.RUNNING, f"pid {info.get('pid')} on {info.get('host', '?')}")
     if (run_dir / runfiles.FAILED).exists():

@@ -9,14 +9,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 from domainfusion_bench import launchers, runfiles, sweep
 from domainfusion_bench.cli import main
 from domainfusion_bench.errors import DfbenchError
-from domainfusion_bench.launchers import LAUNCHERS, LaunchResult, Outcome, SubmititRun, launch_sweep, make_launcher
+from domainfusion_bench.launchers import LAUNCHERS, Outcome, SubmititRun, launch_sweep, make_launcher
 from domainfusion_bench.sweep import State, job_states, load_spec, make_jobs, parse_spec
 
 # A stand-in for `python -m domainfusion_bench train`: no torch, so a launcher test costs milliseconds.

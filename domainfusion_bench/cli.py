@@ -162,7 +162,8 @@ def _add_spec_overrides(p, spec_default: str | None = None) -> None:
     p.add_argument("--test_envs", default=None, help="singles | singles+pairs | a YAML list such as '[[0], [1, 2]]'")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--checkpoint_freq", type=int, default=None)
-    p.add_argument("--hparams", default=None, help="fixed hparams overrides, JSON: '{\"lr\": 1e-4}'")
+    p.add_argument("--hparams", default=None,
+                   help="JSON, merged into the spec's fixed hparams key by key: '{\"lr\": 1e-4}'")
     p.add_argument("--output_dir", default=None, help="default: results/<name>")
     p.add_argument("--data_dir", default=None, help="root of the datasets (default: datasets, or $DFBENCH_DATA)")
 

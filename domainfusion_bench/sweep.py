@@ -119,10 +119,16 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
 
 
 def load_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SweepSpec:
-    """Read and validate a YAML spec; ``overrides`` (CLI flags, ``None`` = not given) win over its fields."""
+    """Read and validate a YAML spec; ``overrides`` (CLI flags, ``None`` = not given) win over its fields.
+    ``hparams`` is merged key by key: ``--hparams '{"lr": 1e-4}'`` changes lr and keeps the spec's others."""
     raw = read_spec_file(path)
     raw.setdefault("name", Path(path).stem)
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key == "hparams" and isinstance(value, dict) and isinstance(raw.get("hparams"), dict):
+            value = {**raw["hparams"], **value}
+        raw[key] = value
     return parse_spec(raw, source=str(path))
 
 

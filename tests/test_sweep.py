@@ -90,8 +90,10 @@ def test_train_argv_parses_back_to_the_same_arguments(tmp_path):
 
 
 def test_load_spec_with_cli_overrides(tmp_path):
-    path = write(tmp_path / "mine.yaml", "datasets: DigitStyles\nalgorithms: all\nn_trials: 3\nsteps: 5\n")
-    s = load_spec(path, {"n_trials": 1, "steps": None, "test_envs": "singles"})
+    path = write(tmp_path / "mine.yaml", "datasets: DigitStyles\nalgorithms: all\nn_trials: 3\nsteps: 5\n"
+                                         "hparams: {lr: 0.003, batch_size: 32}\n")
+    s = load_spec(path, {"n_trials": 1, "steps": None, "test_envs": "singles", "hparams": {"lr": 1e-4}})
+    assert s.hparams == {"lr": 1e-4, "batch_size": 32}  # --hparams changes lr, keeps the spec's batch_size
     assert s.name == "mine" and s.output_dir == str(Path("results") / "mine")
     assert s.n_trials == 1 and s.steps == 5  # None means "flag not given"
     assert {"ERM", "MixStyle", "EFDM"} <= set(s.algorithms)

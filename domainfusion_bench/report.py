@@ -25,6 +25,7 @@ from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.selection import METHODS
 from domainfusion_bench.tables import (
     FORMATS, Leaderboard, Table, error_description, format_cell, leaderboard_from_collection, render,
+    sections,
 )
 
 SUFFIX_FORMATS = {".html": "html", ".htm": "html", ".md": "markdown", ".tex": "latex", ".csv": "csv",
@@ -241,12 +242,9 @@ def render_html(board: Leaderboard) -> str:
         if cost_png:
             parts.append("<h3>Accuracy vs cost</h3>")
             parts.append(f'<img alt="accuracy vs cost" src="data:image/png;base64,{cost_png}">')
-    section = None
-    for table in board.tables:
-        head = f"Model selection: {METHODS[table.selection]}" if table.selection else "Cost per run"
-        if head != section:
+    for head, table in sections(board):
+        if head:
             parts.append(f"<h2>{esc(head)}</h2>")
-            section = head
         parts.append(f"<h3>{esc(f'Dataset: {table.dataset}' if table.dataset else 'Averages')}</h3>")
         parts.append(_html_table(table))
     parts.append("</body></html>")

@@ -28,7 +28,7 @@ import io
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -372,6 +372,15 @@ def error_description(error: str) -> str:
     return f"Error bars: {ERRORS[error]}. (n=k): k trials when the dataset has more; X: no value (see notes)."
 
 
+def sections(board: Leaderboard) -> Iterator[tuple[str | None, Table]]:
+    """Each table with its section heading (one per selection method, then costs) where a section starts."""
+    previous = None
+    for table in board.tables:
+        head = f"Model selection: {METHODS[table.selection]}" if table.selection else "Cost per run"
+        yield (head if head != previous else None), table
+        previous = head
+
+
 def render_text(board: Leaderboard) -> str:
     out = []
     if board.summary:
@@ -402,12 +411,9 @@ def render_markdown(board: Leaderboard) -> str:
     if board.summary:
         out += [board.summary, ""]
     out += [error_description(board.error)]
-    section = None
-    for table in board.tables:
-        head = f"Model selection: {METHODS[table.selection]}" if table.selection else "Cost per run"
-        if head != section:
+    for head, table in sections(board):
+        if head:
             out += ["", f"## {head}"]
-            section = head
         sub = f"Dataset: {table.dataset}" if table.dataset else "Averages"
         out += ["", f"### {sub}", ""]
         out.append("| " + " | ".join(_md_escape(s) for s in ["Algorithm", *table.columns]) + " |")
@@ -434,12 +440,9 @@ def render_latex(board: Leaderboard) -> str:
     if board.summary:
         out.append(f"% {board.summary}")
     out.append(f"% {error_description(board.error)}")
-    section = None
-    for table in board.tables:
-        head = f"Model selection: {METHODS[table.selection]}" if table.selection else "Cost per run"
-        if head != section:
+    for head, table in sections(board):
+        if head:
             out += ["", f"\\subsection{{{latex_escape(head)}}}"]
-            section = head
         out += ["", f"\\subsubsection{{{latex_escape(table.dataset or 'Averages')}}}", ""]
         out += ["\\begin{center}", "\\adjustbox{max width=\\textwidth}{%",
                 "\\begin{tabular}{l" + "c" * len(table.columns) + "}", "\\toprule"]

@@ -66,6 +66,8 @@ def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
 def keep_records_through(run_dir: Path, last_step: int) -> None:
     """On resume: drop records after the resumed checkpoint (and any half-written line)."""
     path = run_dir / RESULTS
+    if not path.exists():
+        return
     records, _ = read_records(path)
     kept = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= last_step]
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))

@@ -52,6 +52,11 @@ class Speed:
     per_domain_loaders: bool = False  # one DataLoader with num_workers per training domain
     eval_augment: bool = False  # evaluate training domains with the training transform (DomainBed)
 
+    def on(self, cuda: bool) -> "Speed":
+        """These settings with the "on CUDA" defaults decided for this device."""
+        return dataclasses.replace(self, channels_last=cuda if self.channels_last is None else self.channels_last,
+                                   pin_memory=cuda if self.pin_memory is None else self.pin_memory)
+
     @classmethod
     def domainbed(cls) -> "Speed":
         return cls(channels_last=False, pin_memory=False, image_store=False, data_on_device=False,
@@ -218,21 +223,19 @@ def model_input(x: torch.Tensor, runtime: "Runtime", channels_last: bool) -> tor
 
 
 def set_up(algorithm: Algorithm, context: TrainingContext, eval_splits: Sequence[SplitDataset], runtime: Runtime,
-           speed: Speed) -> tuple[list[SplitDataset], bool, bool]:
+           speed: Speed) -> list[SplitDataset]:
     """Let the algorithm prepare (a generative one generates here), then put data and model on the device
-    and build its optimizers. Returns the splits it trains on, channels_last, and whether batches are pinned."""
+    and build its optimizers. Returns the splits it trains on."""
     replaced = algorithm.prepare(context)
     train_splits = list(context.train_splits if replaced is None else replaced)
     data_to_device(train_splits + list(eval_splits), runtime.device, speed)
-    channels_last = runtime.cuda if speed.channels_last is None else speed.channels_last
-    pin = runtime.cuda if speed.pin_memory is None else speed.pin_memory
     algorithm.to(runtime.device)
-    if channels_last:
+    if speed.on(runtime.cuda).channels_last:
         algorithm.to(memory_format=torch.channels_last)
     params = [p for p in algorithm.parameters() if p.requires_grad]
     algorithm.backward = lambda loss: runtime.backward(loss, params)
     algorithm.setup_optimizers()
-    return train_splits, channels_last, pin
+    return train_splits
 
 
 def splits_to_evaluate(n_domains: int, test_envs: Sequence[int], mode: str) -> list[str]:
@@ -247,15 +250,13 @@ def splits_to_evaluate(n_domains: int, test_envs: Sequence[int], mode: str) -> l
 
 def accuracy(algorithm: Algorithm, split: SplitDataset, runtime: Runtime, batch_size: int, workers: int,
              speed: Speed | None = None) -> float:
-    speed = speed or Speed()
-    channels_last = runtime.cuda if speed.channels_last is None else speed.channels_last
-    pin = runtime.cuda if speed.pin_memory is None else speed.pin_memory
+    speed = (speed or Speed()).on(runtime.cuda)
     correct = torch.zeros(2, dtype=torch.float64, device=runtime.device)
     algorithm.eval()
     with torch.no_grad(), runtime.accelerator.autocast():
-        for x, y in eval_batches(split, batch_size, num_workers=workers, pin_memory=pin,
+        for x, y in eval_batches(split, batch_size, num_workers=workers, pin_memory=speed.pin_memory,
                                  rank=runtime.rank, world=runtime.world, device=runtime.device):
-            x = model_input(x, runtime, channels_last)
+            x = model_input(x, runtime, speed.channels_last)
             y = y.to(runtime.device, non_blocking=True)
             pred = algorithm.predict(x).argmax(1)
             correct += torch.stack([(pred == y).sum().double(), torch.tensor(float(len(y)), device=runtime.device)])
@@ -354,7 +355,7 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    speed = speed or Speed()
+    speed = (speed or Speed()).on(runtime.cuda)
     workers = default_workers(args)
 
     dataset = load_data(args, speed, workers=workers, generative=ALGORITHMS.get(args.algorithm).GENERATIVE)
@@ -371,7 +372,7 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
     costs = CostMeter()
     context = TrainingContext(dataset, train_envs, list(args.test_envs), train_splits, hparams, args,
                               runtime.device, costs, Path(args.data_dir) / ".dfbench_cache")
-    train_splits, channels_last, pin = set_up(algorithm, context, list(splits.values()), runtime, speed)
+    train_splits = set_up(algorithm, context, list(splits.values()), runtime, speed)
 
     start_step, elapsed_before = 0, 0.0
     resume_path = run_dir / runfiles.RESUME
@@ -391,7 +392,7 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
     eval_bs = args.eval_batch_size or (1024 if runtime.cuda else 256)
     batch_size = hparams["batch_size"]
     batches = training_batches(train_splits, batch_size, args.seed, start_step, num_workers=workers,
-                               pin_memory=pin, rank=runtime.rank, world=runtime.world, device=runtime.device,
+                               pin_memory=speed.pin_memory, rank=runtime.rank, world=runtime.world, device=runtime.device,
                                per_domain_loaders=speed.per_domain_loaders)
     steps_per_epoch = min(len(s) / batch_size for s in train_splits)
     eval_names = splits_to_evaluate(len(dataset.envs), args.test_envs, args.eval_splits)
@@ -401,7 +402,7 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
     run_start = time.perf_counter()
     for step in range(start_step, steps):
         t0 = time.perf_counter()
-        minibatches = [(model_input(x, runtime, channels_last), y.to(runtime.device, non_blocking=True))
+        minibatches = [(model_input(x, runtime, speed.channels_last), y.to(runtime.device, non_blocking=True))
                        for x, y in next(batches)]
         t1 = time.perf_counter()
         with runtime.accelerator.autocast():

@@ -161,3 +161,12 @@ def test_records_without_a_resume_point_are_redone_not_duplicated(tiny_train_arg
     train(tiny_train_args(steps=11, checkpoint_freq=5))
     assert [r["step"] for r in read(run_dir)] == [0, 5, 10]
     assert "stale" not in read(run_dir)[0]
+
+
+def test_speed_defaults_are_decided_per_device():
+    from domainfusion_bench.training import Speed
+
+    assert (Speed().on(cuda=True).channels_last, Speed().on(cuda=True).pin_memory) == (True, True)
+    assert (Speed().on(cuda=False).channels_last, Speed().on(cuda=False).pin_memory) == (False, False)
+    assert Speed(channels_last=False).on(cuda=True).channels_last is False  # an explicit choice wins
+    assert Speed.domainbed().on(cuda=True).pin_memory is False

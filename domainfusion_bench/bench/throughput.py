@@ -70,11 +70,11 @@ def _sync(runtime: Runtime) -> None:
 
 
 def _settings(profile: Profile, runtime: Runtime, workers: int, eval_bs: int, stored: bool) -> dict[str, Any]:
-    s = profile.speed
+    s = profile.speed.on(runtime.cuda)
     return {
         "precision": str(runtime.accelerator.mixed_precision) if runtime.accelerator.mixed_precision != "no" else "fp32",
-        "channels_last": runtime.cuda if s.channels_last is None else s.channels_last,
-        "pin_memory": runtime.cuda if s.pin_memory is None else s.pin_memory,
+        "channels_last": s.channels_last,
+        "pin_memory": s.pin_memory,
         "image_store": stored,
         "workers": f"{workers} per training domain" if s.per_domain_loaders else f"{workers} shared",
         "eval_batch_size": eval_bs,
@@ -95,7 +95,7 @@ def bench_profile(opts: BenchOptions, profile: Profile) -> dict[str, Any]:
     runtime = Runtime(args)
     if runtime.cuda:
         torch.cuda.reset_peak_memory_stats()
-    speed, workers = profile.speed, default_workers(args)
+    speed, workers = profile.speed.on(runtime.cuda), default_workers(args)
     cls = ALGORITHMS.get(args.algorithm)
 
     dataset = get_dataset(args.dataset, args.data_dir)
@@ -112,14 +112,14 @@ def bench_profile(opts: BenchOptions, profile: Profile) -> dict[str, Any]:
     algorithm = cls(dataset.input_shape, dataset.num_classes, len(train_envs), hparams)
     context = TrainingContext(dataset, train_envs, list(args.test_envs), train_splits, hparams, args,
                               runtime.device, CostMeter(), Path(args.data_dir) / ".dfbench_cache")
-    train_splits, channels_last, pin = set_up(algorithm, context, list(splits.values()), runtime, speed)
+    train_splits = set_up(algorithm, context, list(splits.values()), runtime, speed)
 
-    batches = training_batches(train_splits, hparams["batch_size"], args.seed, num_workers=workers, pin_memory=pin,
-                               rank=runtime.rank, world=runtime.world, device=runtime.device,
-                               per_domain_loaders=speed.per_domain_loaders)
+    batches = training_batches(train_splits, hparams["batch_size"], args.seed, num_workers=workers,
+                               pin_memory=speed.pin_memory, rank=runtime.rank, world=runtime.world,
+                               device=runtime.device, per_domain_loaders=speed.per_domain_loaders)
 
     def next_minibatches():
-        return [(model_input(x, runtime, channels_last), y.to(runtime.device, non_blocking=True))
+        return [(model_input(x, runtime, speed.channels_last), y.to(runtime.device, non_blocking=True))
                 for x, y in next(batches)]
 
     def step(minibatches) -> None:

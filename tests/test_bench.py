@@ -76,6 +76,25 @@ def test_batched_augmentation_is_seeded_and_changes_images(data_dir):
     assert not torch.allclose(a, NormalizeBatch()(x))
 
 
+def test_batched_jitter_matches_torchvision_per_image(monkeypatch):
+    """Each ColorJitter op on a batch, with one factor per image, equals torchvision's op on each image."""
+    from torchvision.transforms.v2 import functional as F2
+
+    from domainfusion_bench.data import folder
+
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    f = torch.tensor([0.75, 1.0, 1.2, 1.3])
+    ops = {0: F2.adjust_brightness, 1: F2.adjust_contrast, 2: F2.adjust_saturation}
+    for op, fn in ops.items():
+        expected = torch.stack([fn(xi, float(fi)) for xi, fi in zip(x, f)])
+        assert torch.allclose(AugmentBatch._jitter(x, op, f[:, None, None, None]), expected, atol=1e-5)
+    hue = torch.tensor([0.1, -0.2, 0.3, 0.0])
+    expected = torch.stack([F2.adjust_hue(xi, float(h)) for xi, h in zip(x, hue)])
+    assert torch.allclose(AugmentBatch._jitter(x, 3, hue[:, None, None, None]), expected, atol=1e-5)
+    monkeypatch.setattr(folder, "_rgb_to_hsv", None)  # torchvision's private HSV helpers gone: same result
+    assert torch.allclose(AugmentBatch._jitter(x, 3, hue[:, None, None, None]), expected, atol=1e-5)
+
+
 def test_stored_batches_resume_exactly(data_dir):
     """Batches (indices and augmentation) depend on (seed, domain, step) only: a resumed run sees the same."""
     ds, _ = stored(data_dir)

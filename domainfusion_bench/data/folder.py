@@ -22,7 +22,11 @@ from torchvision import transforms as T
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F2
-from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+
+try:  # batched per-sample hue needs torchvision's HSV helpers; they are private, so they may move
+    from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+except ImportError:
+    _hsv_to_rgb = _rgb_to_hsv = None
 
 from domainfusion_bench.data.base import MultiDomainDataset, register_dataset
 from domainfusion_bench.errors import DfbenchError
@@ -82,6 +86,8 @@ class AugmentBatch:
             return (f * x + (1 - f) * mean).clamp(0, 1)
         if op == 2:  # saturation: blend with the grey image
             return (f * x + (1 - f) * F2.rgb_to_grayscale(x)).clamp(0, 1)
+        if _rgb_to_hsv is None:  # hue, one sample at a time through the public API
+            return torch.stack([F2.adjust_hue(xi, float(fi)) for xi, fi in zip(x, f.flatten())])
         hsv = _rgb_to_hsv(x)  # hue: rotate H
         hsv = torch.cat([(hsv[:, :1] + f).remainder(1.0), hsv[:, 1:]], 1)
         return _hsv_to_rgb(hsv)

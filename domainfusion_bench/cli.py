@@ -172,7 +172,7 @@ def _spec_from(ns):
     import yaml
 
     from domainfusion_bench.errors import DfbenchError
-    from domainfusion_bench.sweep import load_spec
+    from domainfusion_bench.sweep import load_spec, load_yaml
 
     overrides = {k: getattr(ns, k) for k in ("name", "datasets", "algorithms", "n_hparams", "n_hparams_from",
                                              "n_trials", "steps", "checkpoint_freq", "output_dir", "data_dir")}
@@ -182,7 +182,7 @@ def _spec_from(ns):
         text = getattr(ns, key)
         if text is not None:
             try:
-                overrides[key] = yaml.safe_load(text)
+                overrides[key] = load_yaml(text)
             except yaml.YAMLError:
                 raise DfbenchError(f"--{key} {text!r} is not valid YAML/JSON") from None
     return load_spec(ns.spec, overrides)
@@ -192,13 +192,17 @@ def _launcher_options(pairs) -> dict:
     import yaml
 
     from domainfusion_bench.errors import DfbenchError
+    from domainfusion_bench.sweep import load_yaml
 
     options = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise DfbenchError(f"-O {pair!r}: launcher options are KEY=VALUE, e.g. -O parallel=2")
-        options[key] = yaml.safe_load(value) if value else None
+        try:
+            options[key] = load_yaml(value) if value else None
+        except yaml.YAMLError:
+            raise DfbenchError(f"-O {pair!r}: the value is not valid YAML") from None
     return options
 
 

@@ -98,4 +98,10 @@ def apply_overrides(hparams: dict[str, Any], overrides: Mapping[str, Any], where
         raise DfbenchError(
             f"unknown hyperparameter(s) {', '.join(unknown)} for {where}. Known: {', '.join(sorted(hparams))}."
         )
+    for name, value in overrides.items():
+        default = hparams[name]
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise DfbenchError(f"hyperparameter {name} for {where} must be a number like its default {default!r}, "
+                               f"got {value!r}")
     return {**hparams, **overrides}

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import itertools
 import json
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -80,7 +81,20 @@ SPEC_KEYS = [f.name for f in dataclasses.fields(SweepSpec) if f.name != "source"
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key given twice (YAML would silently keep the last one)."""
+    """SafeLoader that rejects a key given twice (YAML would silently keep the last one) and reads
+    ``1e-4`` as a number, as JSON and YAML 1.2 do (PyYAML's YAML 1.1 wants a dot: ``1.0e-4``)."""
+
+
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML (or JSON) the way specs are read: duplicate keys refused, ``1e-4`` a float."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
@@ -105,7 +119,7 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
     except OSError as err:
         raise DfbenchError(f"cannot read sweep spec {path}: {err.strerror}. Specs live in sweeps/*.yaml.") from None
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+        raw = load_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""

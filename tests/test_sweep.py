@@ -100,6 +100,15 @@ def test_load_spec_with_cli_overrides(tmp_path):
     assert s.test_env_sets("DigitStyles") == [[0], [1], [2], [3]]
 
 
+def test_exponent_notation_is_a_number_in_specs_and_flags(tmp_path):
+    from domainfusion_bench.cli import _spec_from
+
+    path = write(tmp_path / "e.yaml", "datasets: DigitStyles\nalgorithms: [ERM]\nhparams: {lr: 1e-4, weight_decay: 5E-5}\n")
+    assert load_spec(path).hparams == {"lr": 1e-4, "weight_decay": 5e-5}
+    ns = build_parser().parse_args(["sweep", "launch", "--spec", str(path), "--hparams", '{"lr": 3e-3}'])
+    assert _spec_from(ns).hparams == {"lr": 3e-3, "weight_decay": 5e-5}
+
+
 def test_shipped_specs_are_valid():
     demo = load_spec(REPO / "sweeps" / "demo.yaml")
     assert set(demo.algorithms) == set(__import__("domainfusion_bench.algorithms").algorithms.ALGORITHMS.names())

@@ -100,6 +100,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_train_args, tmp_p
         (dict(test_envs=[0, 1, 2, 3, 4, 5]), "leaving at least one training domain"),
         (dict(hparams="{lr: 1}"), "--hparams is not valid JSON"),
         (dict(hparams='{"lrr": 0.1}'), "unknown hyperparameter(s) lrr for ERM on RotatedDigits"),
+        (dict(hparams='{"lr": "1e-4"}'), "hyperparameter lr for ERM on RotatedDigits must be a number"),
         (dict(dataset="PACS", data_dir="/nonexistent"), "dfbench download PACS"),
     ],
 )

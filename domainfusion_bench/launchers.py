@@ -24,11 +24,9 @@ import os
 import queue
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -73,8 +71,7 @@ def claim(job: Job) -> bool:
     job.run_dir.mkdir(parents=True, exist_ok=True)
     if run_state(job.run_dir).state in (State.DONE, State.RUNNING):
         return False
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "launcher": True}
-    runfiles.atomic_write_text(job.run_dir / runfiles.LOCK, json.dumps(info))
+    runfiles.write_lock(job.run_dir, launcher=True)
     return True
 
 
@@ -215,13 +212,14 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def _positive_int(launcher: str, name: str, value: Any) -> int:
+def _positive_int(launcher: str, name: str, value: Any, least: int = 1) -> int:
     try:
         number = int(value)
     except (TypeError, ValueError):
-        number = 0
-    if number < 1 or isinstance(value, bool):
-        raise DfbenchError(f"launcher {launcher!r}: option {name} must be an integer >= 1, got {value!r}")
+        number = least - 1
+    if number < least or isinstance(value, bool):
+        raise DfbenchError(f"launcher {launcher!r}: option {name} must be an integer >= {least}, got {value!r}"
+                           + (" (minutes)" if name == "time" else ""))
     return number
 
 
@@ -274,26 +272,27 @@ class PoolLauncher(Launcher):
             todo.put(job)
         stop = threading.Event()
         result, lock = LaunchResult(), threading.Lock()
-        running: dict[str, str] = {}
+        running: dict[int, str] = {}  # slot number -> what it runs
 
-        def worker(label: str, env: dict[str, str], bar: tqdm) -> None:
+        def worker(slot: int, env: dict[str, str], bar: tqdm) -> None:
             while not stop.is_set():
                 try:
                     job = todo.get_nowait()
                 except queue.Empty:
                     return
                 with lock:
-                    running[label] = f"{job.args.algorithm} {job.args.dataset} {job.args.test_envs}"
+                    running[slot] = f"{job.args.algorithm} {job.args.dataset} {job.args.test_envs}"
                     bar.set_postfix_str(" | ".join(running.values()), refresh=True)
                 outcome = run_job(job, prefix, env, torch_threads)
                 with lock:
-                    running.pop(label, None)
+                    running.pop(slot, None)
                     _report(bar, job, outcome, result)
 
         labels = [label for label, _ in slots if label]
         desc = self.spec_name + (f" on {','.join(labels)}" if labels else "")
         with _progress(len(jobs), desc) as bar:
-            workers = [threading.Thread(target=worker, args=(label, env, bar), daemon=True) for label, env in slots]
+            workers = [threading.Thread(target=worker, args=(k, env, bar), daemon=True)
+                       for k, (_, env) in enumerate(slots)]
             for t in workers:
                 t.start()
             try:
@@ -394,6 +393,8 @@ class SubmititRun:
         if state == State.RUNNING and not self.requeued:
             return "running elsewhere"
         run_dir.mkdir(parents=True, exist_ok=True)
+        # our claim replaces any lock of an earlier attempt (maybe on another node, its heartbeat still fresh)
+        runfiles.write_lock(run_dir, launcher=True)
         with open(run_dir / LAUNCH_LOG, "a") as log:
             proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
             while proc.poll() is None:
@@ -442,15 +443,16 @@ class SlurmLauncher(Launcher):
             return result
         o = self.options
         folder = self.output_dir / ".submitit"
-        requeues = int(o["max_requeue"])
+        count = lambda name, least=1: _positive_int(self.name, name, o[name], least)  # noqa: E731
+        requeues = count("max_requeue", 0)
         executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=o["cluster"],
                                          slurm_max_num_timeout=requeues, local_max_num_timeout=requeues)
         params = dict(
-            name=f"dfbench-{self.spec_name}", timeout_min=int(o["time"]), gpus_per_node=int(o["gpus"]),
-            cpus_per_task=int(o["cpus_per_task"]), slurm_array_parallelism=int(o["array_parallelism"]),
+            name=f"dfbench-{self.spec_name}", timeout_min=count("time"), gpus_per_node=count("gpus", 0),
+            cpus_per_task=count("cpus_per_task"), slurm_array_parallelism=count("array_parallelism"),
         )
         if o["mem_gb"] is not None:
-            params["mem_gb"] = int(o["mem_gb"])
+            params["mem_gb"] = count("mem_gb")
         if o["partition"]:
             params["slurm_partition"] = o["partition"]
         if o["additional"]:
@@ -465,7 +467,7 @@ class SlurmLauncher(Launcher):
             for s in submitit.helpers.as_completed(submitted, poll_frequency=float(o["poll_s"])):
                 job = by_id[s.job_id]
                 try:
-                    outcome = Outcome.SKIPPED if s.result() == "running elsewhere" else Outcome.DONE
+                    outcome = Outcome.DONE if s.result() == "done" else Outcome.SKIPPED  # or done already / running elsewhere
                 except Exception:  # the run's own failure is in its failed file
                     outcome = Outcome.FAILED
                 _report(bar, job, outcome, result)

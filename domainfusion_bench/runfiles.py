@@ -73,8 +73,9 @@ def keep_records_through(run_dir: Path, last_step: int) -> None:
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 
-def write_lock(run_dir: Path) -> None:
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+def write_lock(run_dir: Path, **extra: Any) -> None:
+    """Who holds the run: pid, host, start time (``launcher=True``: a claim the trainer takes over)."""
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), **extra}
     atomic_write_text(run_dir / LOCK, json.dumps(info))
 
 

@@ -85,8 +85,11 @@ def _as_int(value: Any) -> int | None:
         return int(value)
     if isinstance(value, Real) and float(value).is_integer():
         return int(value)
-    if kind is str and value.strip().lstrip("-").isdigit():
-        return int(value)
+    if kind is str:
+        try:
+            return int(value)
+        except ValueError:  # "--1", "²", "3.5": not a seed
+            return None
     return None
 
 

@@ -131,7 +131,7 @@ def heartbeat(run_dir: Path) -> None:
 def read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: not JSON, or not text at all
         return None
 
 

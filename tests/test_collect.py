@@ -151,3 +151,13 @@ def test_cost_keys_are_kept(tmp_path):
     for col in ("wall_time", "images_per_s", "mem_gb", "cost_generated_images", "cost_nfes", "cost_generation_seconds"):
         assert col in df.columns
     assert df[df.algorithm == "ERM"]["cost_generated_images"].isna().all()
+
+
+def test_damaged_seeds_and_binary_files_never_crash_collection(tmp_path):
+    from domainfusion_bench import runfiles
+    from domainfusion_bench.collect import _as_int
+
+    assert [_as_int(v) for v in ["--1", "\u00b2", " 7 ", "-3", "3.5", True]] == [None, None, 7, -3, None, None]
+    path = tmp_path / "splits.json"
+    path.write_bytes(b"\xff\xfe\x00binary")
+    assert runfiles.read_json(path) is None

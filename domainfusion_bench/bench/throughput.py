@@ -22,6 +22,7 @@ from domainfusion_bench.costs import CostMeter
 from domainfusion_bench.data import get_dataset
 from domainfusion_bench.data.loaders import training_batches
 from domainfusion_bench.errors import DfbenchError
+from domainfusion_bench.hparams import parse_hparams_json
 from domainfusion_bench.training import (
     DEFAULT_DATA_DIR, Runtime, Speed, TrainArgs, TrainingContext, accuracy, default_workers, load_data,
     make_splits, model_input, resolve_hparams, set_up, splits_to_evaluate,
@@ -85,7 +86,7 @@ def _settings(profile: Profile, runtime: Runtime, workers: int, eval_bs: int, st
 
 def bench_profile(opts: BenchOptions, profile: Profile) -> dict[str, Any]:
     overrides = {"backbone": opts.backbone, "pretrained": "none", "batch_size": opts.batch_size,
-                 **json.loads(opts.hparams or "{}")}
+                 **parse_hparams_json(opts.hparams)}
     args = TrainArgs(dataset=opts.dataset, algorithm=opts.algorithm, test_envs=list(opts.test_envs),
                      data_dir=opts.data_dir, device=opts.device, precision=profile.precision,
                      num_workers=opts.num_workers if opts.num_workers is not None else profile.num_workers,

@@ -111,17 +111,6 @@ def resolve_hparams(args: TrainArgs) -> dict[str, Any]:
     return apply_overrides(hparams, parse_hparams_json(args.hparams), where)
 
 
-def check_test_envs(test_envs: Sequence[int], dataset: MultiDomainDataset) -> None:
-    n = len(dataset.domains)
-    bad = [t for t in test_envs if not 0 <= t < n]
-    if bad or not test_envs or len(set(test_envs)) != len(test_envs) or len(test_envs) >= n:
-        listing = ", ".join(f"{i}={d}" for i, d in enumerate(dataset.domains))
-        raise DfbenchError(
-            f"--test_envs {list(test_envs)} is not valid for {dataset.name}: give one or more distinct indices "
-            f"from 0..{n - 1}, leaving at least one training domain ({listing})."
-        )
-
-
 class Runtime:
     """Device, precision and processes, through accelerate; single-process runs use it too."""
 
@@ -196,7 +185,7 @@ def load_data(args: TrainArgs, speed: Speed, dataset: MultiDomainDataset | None 
     Generative methods read single items of the real data in ``prepare``; they keep the per-image path.
     """
     dataset = dataset or get_dataset(args.dataset, args.data_dir)
-    check_test_envs(args.test_envs, dataset)
+    dataset.check_test_envs(args.test_envs)
     store = getattr(dataset, "load_store", None)
     if (speed.image_store and store is not None and not generative and not dataset.stored
             and dataset.store_bytes() <= speed.store_max_gb * 2**30):

@@ -6,6 +6,7 @@ from typing import Callable, Sequence
 
 from torch.utils.data import Dataset
 
+from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.registry import Registry
 
 
@@ -46,6 +47,17 @@ class MultiDomainDataset:
 
     def eval_transform(self) -> Callable | None:
         return None
+
+    def check_test_envs(self, test_envs: Sequence[int]) -> None:
+        """One clear error unless ``test_envs`` are distinct domain indices that leave a training domain."""
+        n = len(self.domains)
+        bad = [t for t in test_envs if not 0 <= t < n]
+        if bad or not test_envs or len(set(test_envs)) != len(test_envs) or len(test_envs) >= n:
+            listing = ", ".join(f"{i}={d}" for i, d in enumerate(self.domains))
+            raise DfbenchError(
+                f"--test_envs {list(test_envs)} is not valid for {self.name}: give one or more distinct indices "
+                f"from 0..{n - 1}, leaving at least one training domain ({listing})."
+            )
 
     def sizes(self) -> list[int]:
         return [len(env) for env in self.envs]

@@ -48,17 +48,13 @@ def train_command(dataset_name: str, data_dir: str | Path, test_envs: Sequence[i
                   device: str = "auto", preview: str | Path | None = None) -> Path:
     """``dfbench diffusion train``: train (or find) the pixel DDPM CDGA would use for these test envs."""
     from domainfusion_bench.data import get_dataset
-    from domainfusion_bench.errors import DfbenchError
 
     dataset = get_dataset(dataset_name, data_dir)
-    n = len(dataset.domains)
-    if not test_envs or any(not 0 <= t < n for t in test_envs) or len(set(test_envs)) >= n:
-        raise DfbenchError(f"--test_envs {list(test_envs)} is not valid for {dataset.name} "
-                           f"(domains: {', '.join(f'{i}={d}' for i, d in enumerate(dataset.domains))})")
+    dataset.check_test_envs(test_envs)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     cache_dir = Path(cache_dir) if cache_dir else Path(data_dir) / ".dfbench_cache"
-    train_envs = [i for i in range(n) if i not in test_envs]
+    train_envs = [i for i in range(len(dataset.domains)) if i not in test_envs]
     config = default_config(dataset, steps=steps)
     trained = train_pixel_ddpm(dataset, train_envs, test_envs, trial_seed=trial_seed, holdout_fraction=holdout_fraction,
                                config=config, cache_dir=cache_dir / MODELS_SUBDIR, device=device)

@@ -19,6 +19,7 @@ import torch
 from domainfusion_bench.diffusion.backbones import Backbone
 from domainfusion_bench.diffusion.conditions import Condition
 from domainfusion_bench.errors import DfbenchError
+from domainfusion_bench.protocol import seed_hash
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,9 @@ class DDIMSampler:
             null = self.backbone.null_condition(len(z))
             if cond.extra is not None:
                 null.extra = torch.zeros_like(cond.extra)
-        generators = [torch.Generator().manual_seed((int(s) + 1) % 2**63) for s in seeds] if self.config.eta > 0 else None
+        # eta > 0 adds noise every step: its own stream per image, apart from every image's starting noise
+        generators = ([torch.Generator().manual_seed(seed_hash(int(s), "ddim-eta")) for s in seeds]
+                      if self.config.eta > 0 else None)
         abar = self.backbone.alphas_cumprod
         nfe = 0
         for t in timesteps:

@@ -139,8 +139,10 @@ class Backbone:
         ``prediction_type="epsilon"`` because samplers hand it ``eps`` (already converted)."""
         from diffusers import DDIMScheduler
 
-        return DDIMScheduler.from_config(self.train_scheduler.config,
-                                         **{**self.ddim_overrides(), "prediction_type": "epsilon"})
+        # set_alpha_to_one: the last step lands on alpha-bar 1, so the final latent is the clean x0 prediction
+        return DDIMScheduler.from_config(self.train_scheduler.config, **{**self.ddim_overrides(),
+                                                                         "prediction_type": "epsilon",
+                                                                         "set_alpha_to_one": True})
 
     def ddim_overrides(self) -> dict[str, Any]:
         return {}
@@ -458,7 +460,7 @@ class StableDiffusionBackbone(Backbone):
     NUMERICS = 2  # part of the key: bump when what the same weights generate changes (2: eps conversion, final x0)
 
     def ddim_overrides(self):
-        return {"clip_sample": False, "set_alpha_to_one": True, "steps_offset": 1}
+        return {"clip_sample": False, "steps_offset": 1}
 
     @classmethod
     def from_pretrained(cls, source: str, *, dataset: str, domains, classes, image_channels: int,

@@ -198,15 +198,7 @@ class GenerationCache:
                                   prompts=[r.prompt for r in requests] if any(r.prompt for r in requests) else None)
         sampler_key = sampler.key(strength if img2img else None)
         sources = [image_digest(r.source) if img2img else None for r in requests]
-        keys: list[str | None] = []
-        for i, r in enumerate(requests):
-            if sampler_key is None:
-                keys.append(None)
-                continue
-            ident = {"backbone": backbone.key, "dataset": backbone.dataset, "sampler": sampler_key,
-                     "source": sources[i], "condition": cond.describe(i), "seed": int(r.seed),
-                     "prompt": cond.meta.get("prompts", [None] * len(requests))[i]}
-            keys.append(_digest(ident))
+        keys = self._keys(backbone, sampler_key, requests, cond, sources)
 
         results: list[torch.Tensor | None] = [None] * len(requests)
 
@@ -289,6 +281,23 @@ class GenerationCache:
             bar.update(len(chunk_idx))
         bar.close()
         return finish()
+
+    @staticmethod
+    def _keys(backbone, sampler_key, requests, cond, sources) -> list[str | None]:
+        if sampler_key is None:
+            return [None] * len(requests)
+        prompts = cond.meta.get("prompts", [None] * len(requests))
+        return [_digest({"backbone": backbone.key, "dataset": backbone.dataset, "sampler": sampler_key,
+                         "source": sources[i], "condition": cond.describe(i), "seed": int(r.seed), "prompt": prompts[i]})
+                for i, r in enumerate(requests)]
+
+    def keys(self, sampler: DDIMSampler, requests: Sequence[Request], strength: float | None = None) -> list[str | None]:
+        """The cache key of each request (None: uncacheable), as ``generate`` computes them."""
+        backbone = sampler.backbone
+        cond = backbone.condition([r.class_id for r in requests], [r.domains for r in requests],
+                                  prompts=[r.prompt for r in requests] if any(r.prompt for r in requests) else None)
+        sources = [image_digest(r.source) if strength is not None else None for r in requests]
+        return self._keys(backbone, sampler.key(strength), requests, cond, sources)
 
     def _chunk_lock(self, keys: Sequence[str | None]):
         """A file lock named after a chunk's keys (uncacheable images need none)."""

@@ -167,8 +167,11 @@ class GenerationCache:
     def _append(self, entries: Sequence[dict[str, Any]]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         data = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode()
-        fd = os.open(self.root / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.root / MANIFEST, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a writer killed mid-line: do not glue onto it
+                data = b"\n" + data
             os.write(fd, data)
             os.fsync(fd)
         finally:

@@ -21,6 +21,7 @@ The frame has one row per record and these columns:
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from domainfusion_bench.errors import DfbenchError
 
 ACC_KEY = re.compile(r"^env(\d+)_(in|out)_acc$")
 COST_KEYS = ("wall_time", "images_per_s", "mem_gb", "step_time")
+OVERRIDES = "_overrides"  # the run's hyperparameter overrides (JSON), while the frame is built
 KEY_COLUMNS = ["run", "dataset", "algorithm", "trial_seed", "hparams_seed", "test_env", "test_env2",
                "n_test_envs", "step"]
 RUN_KEY = ["dataset", "algorithm", "test_env", "test_env2", "n_test_envs", "hparams_seed", "trial_seed"]
@@ -132,6 +134,11 @@ def _flatten(record: Any) -> dict[str, Any] | None:
         "n_test_envs": len(envs),
         "step": step,
     }
+    overrides = args.get("hparams")
+    if overrides:  # a sweep's grid point (or fixed overrides): runs that differ here are not pooled
+        row[OVERRIDES] = overrides if isinstance(overrides, str) else json.dumps(overrides, sort_keys=True)
+    if record.get("diverged_at") is not None:
+        row["diverged"] = 1.0
     for key, value in record.items():
         keep = _KEEP.get(key)
         if keep is None:
@@ -148,8 +155,35 @@ def _acc_sort_key(name: str) -> tuple[int, int]:
     return (int(m.group(1)), 0 if m.group(2) == "in" else 1) if m else (10**9, 0)
 
 
+def _split_variants(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs of one algorithm with different hyperparameter overrides (a sweep's ``grid`` points) become
+    rows of their own, ``ERM [lr=0.001]``, under every selection method: pooling them would let selection
+    pick an arbitrary grid point. Only the overrides that differ between those runs name the row."""
+    if OVERRIDES not in df:
+        return df
+    overrides = df.pop(OVERRIDES).fillna("")
+    for (dataset, algorithm), sub in overrides.groupby([df["dataset"], df["algorithm"]]):
+        variants = sorted(sub.unique())
+        if len(variants) < 2:
+            continue
+        parsed = {}
+        for v in variants:
+            try:
+                parsed[v] = json.loads(v) if v else {}
+            except ValueError:
+                parsed[v] = {"hparams": v}
+            if not isinstance(parsed[v], dict):
+                parsed[v] = {"hparams": v}
+        names = sorted({k for p in parsed.values() for k in p})
+        differ = [k for k in names if len({json.dumps(p.get(k), sort_keys=True) for p in parsed.values()}) > 1]
+        labels = {v: f"{algorithm} [{', '.join(f'{k}={parsed[v].get(k)}' for k in differ)}]" for v in variants}
+        df.loc[sub.index, "algorithm"] = sub.map(labels)
+    return df
+
+
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame.from_records(rows) if rows else pd.DataFrame(columns=KEY_COLUMNS)
+    df = _split_variants(df)
     for col in KEY_COLUMNS:
         if col not in df:
             df[col] = pd.Series(dtype=object if col in ("run", "dataset", "algorithm") else "int64")
@@ -228,6 +262,8 @@ def load_records(root: str | Path, include_incomplete: bool = False, warn: bool 
     root = Path(root)
     if not root.exists():
         raise DfbenchError(f"{root} does not exist: give the output dir of a sweep or of a run")
+    if not root.is_dir():
+        raise DfbenchError(f"{root} is not a directory: give the output dir of a sweep or of a run")
     coll = Collection(root=str(root), records=_frame([]))
     rows: list[dict[str, Any]] = []
     domains_from_runs: dict[str, list[str]] = {}
@@ -262,7 +298,7 @@ def load_records(root: str | Path, include_incomplete: bool = False, warn: bool 
         if not done:
             coll.included_incomplete.append(name)
         coll.runs += 1
-        for key in {tuple(r[k] for k in RUN_KEY) for r in run_rows}:
+        for key in {tuple(r[k] for k in RUN_KEY) + (r.get(OVERRIDES),) for r in run_rows}:
             if key in keys_seen and keys_seen[key] != name:
                 coll.duplicate_runs += 1
             keys_seen.setdefault(key, name)

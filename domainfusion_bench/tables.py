@@ -198,11 +198,14 @@ def build_leaderboard(records: pd.DataFrame, domains: Mapping[str, Sequence[str]
     selected = selected[[env in shown[d] for d, env in zip(selected["dataset"], selected["test_env"])]]
     board = Leaderboard(tables=[], error=error, selections=list(selections), summary=summary, domains=names,
                         selected=selected)
+    diverged = diverged_notes(records)
     for method in selections:
         sel = selected[selected["selection"] == method]
         for dataset in sorted(names):
-            board.tables.append(_dataset_table(sel[sel["dataset"] == dataset], method, dataset, names[dataset],
-                                               shown[dataset], error))
+            table = _dataset_table(sel[sel["dataset"] == dataset], method, dataset, names[dataset], shown[dataset],
+                                   error)
+            table.notes += diverged.get(dataset, [])
+            board.tables.append(table)
         averages = _averages_table(sel, method, names, error)
         averages.notes += [f"{d}: averaged over the {len(shown[d])} of {len(names[d])} domains some run holds out"
                            for d in sorted(names) if len(shown[d]) < len(names[d])]
@@ -216,6 +219,24 @@ def build_leaderboard(records: pd.DataFrame, domains: Mapping[str, Sequence[str]
 
 def leaderboard_from_collection(coll, **kwargs) -> Leaderboard:
     return build_leaderboard(coll.records, coll.domains, summary=coll.summary(), **kwargs)
+
+
+def diverged_notes(records: pd.DataFrame) -> dict[str, list[str]]:
+    """Per dataset, a note for each algorithm with runs whose loss became non-finite: like DomainBed, their
+    checkpoints stay in model selection (a diverged run rarely wins, but dropping it would change the
+    protocol), and the table says so."""
+    if "diverged" not in records or not records["diverged"].notna().any():
+        return {}
+    runs = records.drop_duplicates(["run", "dataset", "algorithm"]) if "run" in records else records
+    bad = records[records["diverged"].notna()].drop_duplicates(["run", "dataset", "algorithm"]) \
+        if "run" in records else records[records["diverged"].notna()]
+    notes: dict[str, list[str]] = {}
+    total = runs.groupby(["dataset", "algorithm"]).size()
+    for (dataset, algorithm), n in bad.groupby(["dataset", "algorithm"]).size().items():
+        notes.setdefault(dataset, []).append(
+            f"{algorithm}: {n} of {total[(dataset, algorithm)]} runs diverged (non-finite loss); their checkpoints "
+            "stay in model selection, as in DomainBed")
+    return notes
 
 
 def held_out_envs(records: pd.DataFrame, n_envs: Mapping[str, int]) -> dict[str, list[int]]:

@@ -18,6 +18,7 @@ import error), the launcher writes the ``failed`` file with the exit status and 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -125,11 +126,11 @@ class _Forked:
             import multiprocessing
 
             cls._context = multiprocessing.get_context("forkserver")
-            cls._context.set_forkserver_preload(["domainfusion_bench.cli", "domainfusion_bench.training", "accelerate"])
+            cls._context.set_forkserver_preload(["domainfusion_bench.sweep", "domainfusion_bench.training", "accelerate"])
         return cls._context
 
-    def __init__(self, argv: list[str], log: Path, threads: int | None, token: str | None = None):
-        self.process = self.context().Process(target=_train_in_child, args=(argv, str(log), threads, token))
+    def __init__(self, args: dict[str, Any], log: Path, threads: int | None, token: str | None = None):
+        self.process = self.context().Process(target=_train_in_child, args=(args, str(log), threads, token))
         self.process.start()
 
     def wait(self, timeout: float | None = None) -> int | None:
@@ -146,7 +147,7 @@ class _Forked:
         return self.process.exitcode
 
 
-def _train_in_child(argv: list[str], log: str, threads: int | None, token: str | None = None) -> None:
+def _train_in_child(args: dict[str, Any], log: str, threads: int | None, token: str | None = None) -> None:
     """The forked child: stderr to the run's launch log, stdout away (the trainer tees both), then train."""
     if token:
         os.environ[runfiles.CLAIM_ENV] = token
@@ -157,9 +158,16 @@ def _train_in_child(argv: list[str], log: str, threads: int | None, token: str |
         import torch
 
         torch.set_num_threads(threads)
-    from domainfusion_bench.cli import main
+    from domainfusion_bench.training import TrainArgs, train
 
-    main(argv)
+    try:  # what `dfbench train` does with an error; launchers do not import the CLI
+        train(TrainArgs(**args))
+    except DfbenchError as err:
+        print(f"dfbench train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("dfbench train: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def run_job(job: Job, prefix: Sequence[str] | None, env: dict[str, str] | None = None,
@@ -174,7 +182,7 @@ def run_job(job: Job, prefix: Sequence[str] | None, env: dict[str, str] | None =
         return Outcome.SKIPPED
     with open(job.run_dir / LAUNCH_LOG, "a") as log:
         if prefix is None:
-            proc = _Forked(job.train_argv(), job.run_dir / LAUNCH_LOG, threads, token)
+            proc = _Forked(dataclasses.asdict(job.args), job.run_dir / LAUNCH_LOG, threads, token)
         else:
             proc = subprocess.Popen(job.command(prefix), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=log, env={**(os.environ if env is None else env), runfiles.CLAIM_ENV: token})

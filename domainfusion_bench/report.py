@@ -71,7 +71,7 @@ def leaderboard(root: str | Path, fmt: str = "text", selection: str | Sequence[s
     """The leaderboard of every run below ``root``, rendered in ``fmt``."""
     fmt = format_for(None, fmt)
     board = build(root, selection, error, costs, include_incomplete, fmt)
-    return render(board, fmt)
+    return render_html(board) if fmt == "html" else render(board, fmt)
 
 
 def write_leaderboard(root: str | Path, out: str | Path, fmt: str | None = None, **kwargs) -> Path:

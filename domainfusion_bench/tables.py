@@ -512,10 +512,9 @@ RENDERERS = {"text": render_text, "markdown": render_markdown, "latex": render_l
 
 
 def render(board: Leaderboard, fmt: str = "text") -> str:
+    """Text formats; ``html`` is the report's (``report.render_html``; report imports tables, not back)."""
     if fmt == "html":
-        from domainfusion_bench.report import render_html
-
-        return render_html(board)
+        raise ValueError("html is rendered by domainfusion_bench.report.render_html")
     if fmt not in RENDERERS:
         raise ValueError(f"unknown format {fmt!r}; choices: {', '.join(FORMATS)}")
     return RENDERERS[fmt](board)

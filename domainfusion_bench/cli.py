@@ -95,6 +95,8 @@ def _collect_parser(sub) -> None:
     p.add_argument("--out", default=None, help="write to FILE instead of stdout (.html means the HTML page)")
     p.add_argument("--include-incomplete", action="store_true", help="also read runs without a done file")
     p.add_argument("--costs", action="store_true", help="add cost tables: wall time, images/s, memory, cost_* keys")
+    p.add_argument("--metrics", action="store_true",
+                   help="add tables of the metric_* keys at the selected checkpoint (mean over test domains and trials)")
     p.set_defaults(func=_run_collect)
 
 
@@ -108,7 +110,7 @@ def _run_collect(ns) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CollectWarning)
         text = leaderboard(ns.input_dir, fmt=fmt, selection=ns.selection, error=ns.error, costs=ns.costs,
-                           include_incomplete=ns.include_incomplete)
+                           include_incomplete=ns.include_incomplete, metrics=ns.metrics)
     for w in caught:
         if issubclass(w.category, CollectWarning):
             print(f"dfbench collect: warning: {w.message}", file=sys.stderr)

@@ -59,24 +59,38 @@ def append_record(run_dir: Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+try:  # ~5x faster parsing when installed; records with NaN (a diverged loss) fall back to json
+    import orjson
+
+    _fast_loads = orjson.loads
+except ImportError:  # pragma: no cover
+    _fast_loads = json.loads
+
+
 def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
     """Records of a results.jsonl and the number of lines skipped (truncated or not JSON)."""
-    records, skipped = [], 0
-    if not path.exists():
+    records: list[dict[str, Any]] = []
+    skipped = 0
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
         return records, skipped
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
+    loads = _fast_loads
+    for line in data.splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = loads(line)
+        except ValueError:  # orjson.JSONDecodeError and json's are ValueErrors
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = json.loads(line)  # NaN / Infinity, which orjson refuses
+            except ValueError:  # not JSON, or not UTF-8
                 skipped += 1
                 continue
-            if isinstance(record, dict):
-                records.append(record)
-            else:
-                skipped += 1
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            skipped += 1
     return records, skipped
 
 
@@ -353,5 +367,9 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def iter_run_dirs(root: Path) -> Iterator[Path]:
     """Every directory below ``root`` that holds a results.jsonl."""
-    for path in sorted(Path(root).rglob(RESULTS)):
-        yield path.parent
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):  # much faster than Path.rglob on 100k run dirs
+        dirnames.sort()
+        if RESULTS in filenames:
+            found.append(Path(dirpath))
+    yield from sorted(found)

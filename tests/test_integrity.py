@@ -331,3 +331,27 @@ def test_a_diverged_run_stays_in_selection_and_is_marked(tiny_train_args, tmp_pa
     assert table.cells[("ERM", "a")].n == 2  # the diverged trial still counts
     assert any("ERM: 1 of 2 runs diverged" in note for note in table.notes)
     assert "diverged" in render(board, "text")
+
+
+def test_collect_metrics_table_at_the_selected_checkpoint(tmp_path, capsys):
+    from results_factory import record, write_run
+
+    from domainfusion_bench.cli import main
+
+    for t in range(3):
+        for trial in (0, 1):
+            recs = []
+            for step in (0, 10):
+                rec = record("D", "M", [t], 0, trial, step, **{f"env{i}_out_acc": 0.5 for i in range(3)},
+                             **{f"env{t}_in_acc": 0.6})
+                rec.update(metric_zeta=float(step + trial), metric_alpha=2.0, cost_nfe=1.0)
+                recs.append(rec)
+            write_run(tmp_path, f"r{t}{trial}", recs)
+    main(["collect", str(tmp_path), "--metrics", "--selection", "oracle"])
+    out = capsys.readouterr().out
+    block = out[out.index("metrics at the checkpoint oracle selects"):].splitlines()
+    header, row = block[1].split(), block[2].split()
+    assert header == ["Algorithm", "alpha", "zeta"]  # sorted by name, one column per metric
+    assert row == ["M", "2", "10.5"]  # oracle: last step; mean over 3 test domains x 2 trials of step + trial
+    main(["collect", str(tmp_path), "--selection", "oracle"])
+    assert "metrics at" not in capsys.readouterr().out

@@ -260,6 +260,9 @@ class Launcher:
         self.spec_name = spec_name
         self.options = {**self.OPTIONS, **options}
 
+    def check(self) -> None:
+        """Raise a DfbenchError for a bad option before anything is printed or launched."""
+
     def launch(self, jobs: Sequence[Job]) -> LaunchResult:
         raise NotImplementedError
 
@@ -279,6 +282,9 @@ class PoolLauncher(Launcher):
 
     def threads(self) -> int | None:
         return None
+
+    def check(self) -> None:
+        self.slots(), self.threads()
 
     def launch(self, jobs: Sequence[Job]) -> LaunchResult:
         slots, prefix, torch_threads = self.slots(), self.prefix(), self.threads()
@@ -533,6 +539,7 @@ def make_launcher(spec: SweepSpec, name: str | None = None, options: dict[str, A
 def launch_sweep(spec: SweepSpec, launcher: str | None = None, options: dict[str, Any] | None = None) -> LaunchResult:
     """Run every job that is not done and not running; failed and interrupted ones resume."""
     runner = make_launcher(spec, launcher, options)
+    runner.check()
     jobs = make_jobs(spec)
     states = job_states(jobs)
     todo = [job for job, s in zip(jobs, states) if s.state not in (State.DONE, State.RUNNING)]

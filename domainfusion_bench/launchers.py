@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -409,18 +410,18 @@ class SubmititRun:
 
     def __call__(self) -> str:
         run_dir = Path(self.run_dir)
-        state = run_state(run_dir).state
-        if state == State.DONE:
+        (run_dir / runfiles.SUBMITTED).unlink(missing_ok=True)  # started: no longer pending in the queue
+        if (run_dir / runfiles.DONE).exists():
             return "done already"
         # A requeued job may find its own earlier attempt's lock, still fresh: that one is gone.
-        if state == State.RUNNING and not self.requeued:
+        if runfiles.lock_holder(run_dir)[1] and not self.requeued:
             return "running elsewhere"
         run_dir.mkdir(parents=True, exist_ok=True)
         # a requeued job's claim replaces its earlier attempt's lock (maybe on another node, still fresh)
         claimed, holder = runfiles.claim(run_dir, launcher=True, force=self.requeued)
         if not claimed:
             return "running elsewhere"
-        (run_dir / runfiles.SUBMITTED).unlink(missing_ok=True)  # no longer pending: the lock says running
+        (run_dir / runfiles.SUBMITTED).unlink(missing_ok=True)  # the launcher may have just written the job id
         token = runfiles.read_json(run_dir / runfiles.LOCK).get("token")
         with open(run_dir / LAUNCH_LOG, "a") as log:
             proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
@@ -487,6 +488,7 @@ class SlurmLauncher(Launcher):
             params["slurm_additional_parameters"] = dict(o["additional"])
         executor.update_parameters(**params)
         runs = [SubmititRun(job.command(), str(job.run_dir), float(o["heartbeat_s"])) for job in jobs]
+        submit_time = time.time()
         for job in jobs:  # marked before submitting: a relaunch while they are pending does not submit them again
             runfiles.record_submission(job.run_dir, None)
         try:
@@ -499,6 +501,10 @@ class SlurmLauncher(Launcher):
         for s, job in zip(submitted, jobs):  # the job id, for status; a run that already started removed its mark
             if (job.run_dir / runfiles.SUBMITTED).exists():
                 runfiles.record_submission(job.run_dir, s.job_id)
+                failed = job.run_dir / runfiles.FAILED
+                if ((job.run_dir / runfiles.LOCK).exists() or (job.run_dir / runfiles.DONE).exists()
+                        or (failed.exists() and failed.stat().st_mtime >= submit_time)):  # it started meanwhile
+                    (job.run_dir / runfiles.SUBMITTED).unlink(missing_ok=True)
         print(f"submitted {len(submitted)} runs as {submitted[0].job_id.split('_')[0]} (logs in {folder})",
               file=sys.stderr)
         with _progress(len(jobs), self.spec_name) as bar:

@@ -386,7 +386,7 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
     train_splits, splits, index_record = make_splits(dataset, args, hparams, speed.eval_augment or args.eval_augment)
     record_args = {**dataclasses.asdict(args), "protocol": protocol_settings(runtime, speed, args, dataset)}
     if runtime.is_main:
-        runfiles.atomic_write_text(run_dir / runfiles.SPLITS, json.dumps(index_record))
+        runfiles.write_splits(run_dir, index_record, f"{dataset.name}_trial{args.trial_seed}_holdout{args.holdout_fraction}")
         print(f"{args.algorithm} on {dataset.name}, test envs {args.test_envs}, {steps} steps, hparams {hparams}")
 
     algorithm = ALGORITHMS.get(args.algorithm)(dataset.input_shape, dataset.num_classes, len(train_envs), hparams)

@@ -81,6 +81,14 @@ def test_default_output_dir_is_unique_per_configuration(tmp_path, monkeypatch):
     assert a != b and a.parent == b.parent == Path("results") / "train"
     assert a.name == run_hash(dataclasses.asdict(TrainArgs(**base)))
     assert read(a)[0]["args"]["output_dir"] == str(a)
+    # the splits of runs beside each other are stored once per (dataset, trial, holdout)
+    from domainfusion_bench.protocol import split_indices
+
+    assert len(list((a.parent / runfiles.SHARED_SPLITS).iterdir())) == 1
+    assert (a / runfiles.SPLITS).stat().st_size < 2000
+    out, into = split_indices(300, 0, 0, 0.2)
+    assert runfiles.read_splits(a)["env0"]["out"] == runfiles.read_splits(b)["env0"]["out"] == out
+    assert json.loads((a / runfiles.SPLITS).read_text())["env0"] == {"domain": "0", "n_in": 240, "n_out": 60}
 
 
 # ------------------------------------------------------------------------------ claims, liveness

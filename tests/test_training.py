@@ -31,7 +31,7 @@ def test_run_writes_domainbed_compatible_dir(tiny_train_args):
     assert (run_dir / runfiles.DONE).exists() and not (run_dir / runfiles.RESUME).exists()
     assert not (run_dir / runfiles.LOCK).exists() and (run_dir / runfiles.MODEL).exists()
     assert "step    20" in (run_dir / "out.txt").read_text()
-    splits = json.loads((run_dir / runfiles.SPLITS).read_text())
+    splits = runfiles.read_splits(run_dir)
     env0 = splits["env0"]
     assert env0["domain"] == "0" and len(env0["out"]) == int(300 * 0.2) and len(env0["in"]) == 240
 

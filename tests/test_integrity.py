@@ -366,3 +366,33 @@ def test_collect_metrics_table_at_the_selected_checkpoint(tmp_path, capsys):
     assert row == ["M", "2", "10.5"]  # oracle: last step; mean over 3 test domains x 2 trials of step + trial
     main(["collect", str(tmp_path), "--selection", "oracle"])
     assert "metrics at" not in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------- differences, recorded
+
+
+def test_eval_augment_flag_and_protocol_settings_are_recorded(tiny_train_args):
+    from domainfusion_bench.cli import build_parser
+
+    assert build_parser().parse_args(["train", "--eval_augment"]).eval_augment is True
+    base = dataclasses.asdict(TrainArgs(output_dir="x"))
+    assert run_hash({**base, "eval_augment": True}) != run_hash(base)
+    run_dir = train(tiny_train_args(steps=1, eval_augment=True))
+    args = read(run_dir)[-1]["args"]
+    assert args["eval_augment"] is True
+    assert args["protocol"] == {"precision": "fp32", "cudnn_benchmark": False, "eval_augment": True,
+                                "eval_splits": "needed", "dataset": []}
+
+
+def test_colored_mnist_at_14_and_28_pixels():
+    from domainfusion_bench.data.mnist import ColoredMNIST, ColoredMNIST28
+
+    images = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (50,))
+    small = ColoredMNIST.make_environment(ColoredMNIST.__new__(ColoredMNIST), images, labels, 1)
+    full = ColoredMNIST28.make_environment(ColoredMNIST28.__new__(ColoredMNIST28), images, labels, 1)
+    assert small.tensors[0].shape[1:] == ColoredMNIST.input_shape == (2, 14, 14)
+    assert full.tensors[0].shape[1:] == ColoredMNIST28.input_shape == (2, 28, 28)
+    assert torch.equal(small.tensors[1], full.tensors[1])  # same labels and colours, only the resolution differs
+    assert torch.equal(full.tensors[0][:, :, ::2, ::2], small.tensors[0])
+    assert any("14 px" in d for d in ColoredMNIST.DIFFERENCES) and any("28 px" in d for d in ColoredMNIST28.DIFFERENCES)

@@ -83,20 +83,20 @@ class AugmentBatch:
 
     RandomResizedCrop, horizontal flip, ColorJitter(0.3 x4) and RandomGrayscale(0.1), drawn from
     ``generator``. Crop boxes follow torchvision's rule (``crop_params``, retries included) on each
-    image's ORIGINAL size when ``sizes`` (original (height, width) per stored row) and the batch's
-    ``rows`` are given, mapped onto the stored (resized) copy and resampled with ``roi_align``; without
-    them, on the stored size. The jitter order is drawn per batch (torchvision: per image).
+    image's ORIGINAL size when ``original_sizes`` ((height, width) per image of the batch; the store
+    records them) is given, mapped onto the stored (resized) copy and resampled with ``roi_align``;
+    without it, on the stored size. The jitter order is drawn per batch (torchvision: per image).
     """
 
-    def __init__(self, resolution: int, sizes: torch.Tensor | None = None):
-        self.resolution, self.sizes = resolution, sizes
+    def __init__(self, resolution: int):
+        self.resolution = resolution
 
     def boxes(self, x: torch.Tensor, generator: torch.Generator | None = None,
-              rows: torch.Tensor | None = None) -> torch.Tensor:
+              original_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """roi_align boxes (index, x0, y0, x1, y1) on the stored copy of each image of the batch."""
         n, _, h, w = x.shape
-        if self.sizes is not None and rows is not None:
-            orig = self.sizes[rows.cpu()].to(x.device).double()
+        if original_sizes is not None:
+            orig = original_sizes.to(x.device).double()
         else:
             orig = torch.tensor([[h, w]], device=x.device, dtype=torch.float64).expand(n, 2)
         i, j, ch, cw = crop_params(orig[:, 0], orig[:, 1], generator).double().unbind(1)
@@ -105,10 +105,10 @@ class AugmentBatch:
                             (i + ch) * sy], 1).to(torch.float32)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                 rows: torch.Tensor | None = None) -> torch.Tensor:
+                 original_sizes: torch.Tensor | None = None) -> torch.Tensor:
         n = len(x)
         u = lambda: torch.rand(n, generator=generator, device=x.device)  # noqa: E731
-        boxes = self.boxes(x, generator, rows)
+        boxes = self.boxes(x, generator, original_sizes)
         x = x.float().div(255)
         x = roi_align(x, boxes, (self.resolution, self.resolution), spatial_scale=1.0, sampling_ratio=2, aligned=True)
         x = torch.where((u() < 0.5)[:, None, None, None], x.flip(-1), x)
@@ -208,13 +208,36 @@ class ImageFolderDataset(MultiDomainDataset):
             with open(tmp, "wb") as f:
                 np.save(f, images.numpy())
             os.replace(tmp, path)
+        originals = self._original_sizes(paths, path.with_name(path.stem + "_sizes.npy"))
         start, envs = 0, []
         for env in samples:
             labels = torch.tensor([y for _, y in env], dtype=torch.long)
-            envs.append(TensorDataset(images[start:start + len(env)], labels))
+            stored = TensorDataset(images[start:start + len(env)], labels)
+            stored.original_sizes = originals[start:start + len(env)]  # crops are drawn on these (AugmentBatch)
+            envs.append(stored)
             start += len(env)
         self.envs, self.stored = envs, True
         return path
+
+    @staticmethod
+    def _original_sizes(paths: list[str], cache: Path) -> torch.Tensor:
+        """(height, width) of every image file, from its header (cached beside the store)."""
+        if cache.exists():
+            sizes = torch.from_numpy(np.load(cache))
+            if len(sizes) == len(paths):
+                return sizes
+        from PIL import Image
+
+        hw = []
+        for p in paths:
+            with Image.open(p) as im:
+                hw.append((im.height, im.width))
+        sizes = torch.tensor(hw, dtype=torch.int64).reshape(-1, 2)
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.save(f, sizes.numpy())
+        os.replace(tmp, cache)
+        return sizes
 
     def batch_transform(self, augment: bool):
         """Batched, on-device equivalent of the per-image transform, for a stored dataset (else None)."""

@@ -35,6 +35,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--num_workers", type=int, default=None, help="data workers shared by all domains")
     p.add_argument("--eval_batch_size", type=int, default=None)
     p.add_argument("--plugins", nargs="*", default=[], help="Python files that register algorithms")
+    p.add_argument("--eval_augment", action="store_true",
+                   help="evaluate training domains' splits with the training transform (DomainBed's way)")
     p.set_defaults(func=_run_train)
 
 
@@ -93,6 +95,8 @@ def _collect_parser(sub) -> None:
     p.add_argument("--out", default=None, help="write to FILE instead of stdout (.html means the HTML page)")
     p.add_argument("--include-incomplete", action="store_true", help="also read runs without a done file")
     p.add_argument("--costs", action="store_true", help="add cost tables: wall time, images/s, memory, cost_* keys")
+    p.add_argument("--metrics", action="store_true",
+                   help="add tables of the metric_* keys at the selected checkpoint (mean over test domains and trials)")
     p.set_defaults(func=_run_collect)
 
 
@@ -106,7 +110,7 @@ def _run_collect(ns) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CollectWarning)
         text = leaderboard(ns.input_dir, fmt=fmt, selection=ns.selection, error=ns.error, costs=ns.costs,
-                           include_incomplete=ns.include_incomplete)
+                           include_incomplete=ns.include_incomplete, metrics=ns.metrics)
     for w in caught:
         if issubclass(w.category, CollectWarning):
             print(f"dfbench collect: warning: {w.message}", file=sys.stderr)
@@ -317,6 +321,11 @@ def _run_bench(ns) -> None:
     from domainfusion_bench.bench.collector import format_collector
     from domainfusion_bench.training import DEFAULT_DATA_DIR
 
+    for flag in ("collect", "steps", "batch_size", "resolution", "num_workers", "threads", "synthetic_per_class",
+                 "warmup"):
+        value, least = getattr(ns, flag), 0 if flag in ("num_workers", "warmup") else 1
+        if value is not None and value < least:
+            raise DfbenchError(f"--{flag} must be an integer >= {least}, got {value}")
     if ns.collect is not None:
         result = bench_collector(ns.collect)
         print(json.dumps(result, indent=1) if ns.json else format_collector(result), end="\n" if ns.json else "")

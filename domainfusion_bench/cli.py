@@ -82,6 +82,28 @@ def _run_download(ns) -> None:
         download(name, ns.data_dir, ns.mirror, keep_downloads=ns.keep_downloads)
 
 
+def _datasets_parser(sub) -> None:
+    p = sub.add_parser("datasets", help="look at a dataset: a PNG grid, one row per domain, one column per class")
+    dsub = p.add_subparsers(dest="datasets_command", required=True)
+    v = dsub.add_parser("preview", help="write a PNG grid of a dataset's domains (e.g. datasets/digitstyles.png)")
+    v.add_argument("dataset", help="registered name, or folder:<path>")
+    v.add_argument("--out", required=True, help="PNG file to write")
+    v.add_argument("--data_dir", default=None, help="root of the datasets (default: datasets, or $DFBENCH_DATA)")
+    v.add_argument("--columns", type=int, default=10, help="classes per row (default: %(default)s)")
+    v.add_argument("--size", type=int, default=32, help="pixels per image before --scale (default: %(default)s)")
+    v.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling (default: %(default)s)")
+    v.set_defaults(func=lambda ns: print(_preview(ns)))
+
+
+def _preview(ns) -> str:
+    from domainfusion_bench.data import get_dataset
+    from domainfusion_bench.data.preview import write_preview
+    from domainfusion_bench.training import TrainArgs
+
+    dataset = get_dataset(ns.dataset, ns.data_dir or TrainArgs().data_dir)
+    return f"wrote {write_preview(dataset, ns.out, ns.columns, ns.size, ns.scale)}: rows {', '.join(dataset.domains)}"
+
+
 def _collect_parser(sub) -> None:
     p = sub.add_parser("collect", help="leaderboard tables from run dirs (dfbench's or DomainBed's)")
     p.add_argument("input_dir", metavar="DIR", help="a sweep's output dir (searched recursively for results.jsonl)")
@@ -348,7 +370,7 @@ def _run_bench(ns) -> None:
 
 
 PARSERS = [_list_parser, _train_parser, _collect_parser, _download_parser, _diffusion_parser, _sweep_parser,
-           _demo_parser, _bench_parser]
+           _demo_parser, _bench_parser, _datasets_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

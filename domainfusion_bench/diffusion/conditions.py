@@ -53,6 +53,12 @@ DOMAIN_DESCRIPTIONS: dict[str, dict[str, str]] = {
         "sketch": "a pencil sketch",
     },
     "DigitStyles": {
+        "poster": "flat-colour filled strokes, light on dark or dark on light",
+        "crayon": "dark strokes hatched in two colours on grainy paper",
+        "stencil": "an outline on a ground with wide soft stripes",
+        "chalk": "grainy light strokes on a speckled dark board",
+    },
+    "DigitStyles-v1": {
         "plain": "grey strokes on a black background",
         "inverted": "dark strokes on a coloured background",
         "painted": "strokes painted with a striped texture on paper",
@@ -66,6 +72,7 @@ DOMAIN_DESCRIPTIONS: dict[str, dict[str, str]] = {
 # How a class name reads in a prompt, per dataset (default: the class folder name, underscores as spaces).
 CLASS_TEMPLATES: dict[str, str] = {
     "DigitStyles": "handwritten digit {}",
+    "DigitStyles-v1": "handwritten digit {}",
     "RotatedDigits": "handwritten digit {}",
     "RotatedMNIST": "handwritten digit {}",
 }

@@ -350,17 +350,18 @@ def load_records(root: str | Path, include_incomplete: bool = False, warn: bool 
             continue
         if not done:
             coll.included_incomplete.append(name)
+        dataset, names = run_rows[0]["dataset"], _splits_domains(run_dir)
+        if names and domains_from_runs.setdefault(dataset, names) != names:  # another version of the dataset
+            dataset = f"{dataset} ({', '.join(names)})"
+            domains_from_runs.setdefault(dataset, names)
+            for row in run_rows:
+                row["dataset"] = dataset
         coll.runs += 1
         for key in run_keys:
             if key in keys_seen and keys_seen[key] != name:
                 coll.duplicate_runs += 1
             keys_seen.setdefault(key, name)
         rows.extend(run_rows)
-        dataset = run_rows[0]["dataset"]
-        if dataset not in domains_from_runs:
-            names = _splits_domains(run_dir)
-            if names:
-                domains_from_runs[dataset] = names
     coll.records = _frame(rows)
 
     for dataset, n in sorted(infer_n_envs(coll.records).items()):

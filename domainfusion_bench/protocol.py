@@ -21,7 +21,8 @@ HOLDOUT_FRACTION = 0.2
 # another launcher, more data workers or a bigger evaluation batch must not re-key a sweep. Plugins
 # count by their files' content (``plugin_digests``), not by where they live.
 NON_SEMANTIC_ARGS = frozenset(
-    {"data_dir", "output_dir", "launcher", "device", "plugins", "skip_model_save", "num_workers", "eval_batch_size"}
+    {"data_dir", "output_dir", "launcher", "device", "plugins", "skip_model_save", "num_workers", "eval_batch_size",
+     "gen_batch_size"}
 )
 
 

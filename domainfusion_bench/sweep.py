@@ -25,7 +25,7 @@ import yaml
 
 from domainfusion_bench import runfiles
 from domainfusion_bench.algorithms import ALGORITHMS, algorithm_space, load_plugins
-from domainfusion_bench.data import FOLDER_PREFIX, dataset_class, get_dataset
+from domainfusion_bench.data import FOLDER_PREFIX, dataset_class, get_dataset, run_identity
 from domainfusion_bench.data.folder import ImageFolderDataset
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.hparams import check_train_args, check_value
@@ -443,7 +443,7 @@ def make_jobs(spec: SweepSpec) -> list[Job]:
                         plugins=list(spec.plugins),
                         **spec.train_args,
                     )
-                    args.output_dir = str(output_dir / run_hash(dataclasses.asdict(args)))
+                    args.output_dir = str(output_dir / run_hash(run_identity(dataclasses.asdict(args))))
                     jobs.append(Job(args, point))
     return jobs
 

@@ -25,7 +25,7 @@ import torch
 from domainfusion_bench import runfiles
 from domainfusion_bench.algorithms import ALGORITHMS, Algorithm, algorithm_space, load_plugins
 from domainfusion_bench.costs import CostMeter, MetricMeter
-from domainfusion_bench.data import MultiDomainDataset, dataset_class, get_dataset
+from domainfusion_bench.data import MultiDomainDataset, dataset_class, get_dataset, run_identity
 from domainfusion_bench.data.loaders import SplitDataset, eval_batches, training_batches
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.hparams import apply_overrides, check_train_args, parse_hparams_json
@@ -365,7 +365,7 @@ def _logs_to(run_dir: Path, enabled: bool):
 def run_fingerprint(args: TrainArgs, hparams: dict[str, Any]) -> dict[str, Any]:
     """What defines a run: the arguments that change its result (plugins by content) and the resolved
     hyperparameters. A run dir holds one fingerprint; training into it with another one is refused."""
-    return {**semantic_args(dataclasses.asdict(args)), "hparams_resolved": hparams}
+    return {**semantic_args(run_identity(dataclasses.asdict(args))), "hparams_resolved": hparams}
 
 
 def train(args: TrainArgs) -> Path:
@@ -375,7 +375,7 @@ def train(args: TrainArgs) -> Path:
     ALGORITHMS.get(args.algorithm)  # fail fast on an unknown name, before loading data
     hparams = resolve_hparams(args)
     if args.output_dir is None:  # one dir per configuration, never a shared one
-        args = dataclasses.replace(args, output_dir=str(Path(DEFAULT_OUTPUT_ROOT) / run_hash(dataclasses.asdict(args))))
+        args = dataclasses.replace(args, output_dir=str(Path(DEFAULT_OUTPUT_ROOT) / run_hash(run_identity(dataclasses.asdict(args)))))
     run_dir = Path(args.output_dir)
     fingerprint = run_fingerprint(args, hparams)
     runfiles.check_fingerprint(run_dir, fingerprint)

@@ -83,6 +83,10 @@ def test_synthetic_images_are_in_the_training_batches(tmp_path, monkeypatch):
     assert 0.3 < hits < 0.7  # cdga_synthetic_fraction 0.5 of every draw is a generated image
     previews = list((tmp_path / "run" / runfiles.PREVIEWS).glob("*.png"))
     assert len(previews) == 3  # one strip per training domain
+    from domainfusion_bench.report import preview_gallery
+
+    gallery = preview_gallery(tmp_path)  # the HTML leaderboard's "Generated images" section
+    assert gallery.count("<img") == 3 and "CDGA on DigitStyles" in gallery
 
 
 def test_cdga_generates_trains_and_records_its_cost(cdga_runs):

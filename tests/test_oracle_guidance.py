@@ -233,8 +233,8 @@ def test_oracle_rule_and_errors():
 # a 3-step DDPM generates poorly on purpose (many invalid images for guidance to fix, seconds on a CPU); the
 # low threshold leaves some valid by chance, so each round has both labels to learn from
 DIGITS = {"batch_size": 8, "cnn_width": 16, "ddpm_steps": 3, "sample_steps": 10, "cdga_strength": 0.5,
-          "cdga_max_sources": 12, "og_samples_per_round": 128, "og_classifier_steps": 150, "og_oracle_steps": 400,
-          "og_threshold": 0.2, "og_weight": 4.0}
+          "cdga_max_sources": 12, "og_samples_per_round": 64, "og_classifier_steps": 100, "og_oracle_steps": 400,
+          "og_threshold": 0.2}
 
 
 def _last_record(run_dir):
@@ -273,7 +273,8 @@ def test_cdga_og_records_invalid_rates_per_round_and_costs(digit_runs):
     # the guidance reached CDGA's sampler: the guided generation is new work, not the unguided cache entry
     assert guided["cost_reused_generated_images"] == 0 and unguided["cost_reused_generated_images"] == 0
     # NOT asserted (measured, does not hold at these tiny settings): guided < unguided invalid rate. With a
-    # 3-step DDPM and 128 labelled images per round both runs measure 0.83; the rounds 0.83, 0.84, 0.88, 0.88.
+    # 3-step DDPM and 64 or 128 labelled images per round (og_weight 1 or 4) both runs measure 0.83; the rounds
+    # 0.83, 0.84-0.86, 0.88-0.89, 0.88.
     # the cost of guidance is in the record: labelled draws and guidance evaluations
     assert guided["cost_og_samples_drawn"] == 4 * DIGITS["og_samples_per_round"]  # base, round1, round2, distilled
     assert guided["cost_og_guidance_evals"] > 0 and "cost_og_samples_drawn" not in unguided

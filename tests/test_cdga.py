@@ -15,7 +15,8 @@ from domainfusion_bench.training import TrainArgs, train
 
 # 3 DDPM steps, 12 sources per domain, img2img over 2 DDIM steps: seconds on a CPU, the whole path still runs
 SOURCES = 12
-FAST = {"batch_size": 16, "cnn_width": 16, "ddpm_steps": 3, "cdga_strength": 0.2, "cdga_max_sources": SOURCES}
+FAST = {"batch_size": 16, "cnn_width": 16, "ddpm_steps": 3, "cdga_strength": 0.2, "cdga_max_sources": SOURCES,
+        "og_oracle_steps": 5}
 
 
 def read(run_dir):
@@ -100,6 +101,7 @@ def test_cdga_generates_trains_and_records_its_cost(cdga_runs):
     assert last["cost_generation_seconds"] > 0 and last["cost_diffusion_train_seconds"] > 0
     assert last["cost_reused_generated_images"] == 0 and "cost_reused_diffusion_train_seconds" not in last
     assert 0 <= last["env0_in_acc"] <= 1
+    assert 0 <= last["metric_invalid_rate"] <= 1 and "metric_oracle_val_acc" in last  # every generation is judged
 
 
 def test_a_killed_cdga_run_resumes_without_regenerating_or_retraining(cdga_runs):

@@ -58,20 +58,26 @@ ROUND_KIND = "og_round_classifier"
 DISTILLED_KIND = "og_distilled_classifier"
 
 
+def oracle_hparams(space) -> None:
+    """What every generative method shares: judging its generations with the validity oracle."""
+    space.add("og_measure", True)  # judge every generated image: metric_invalid_rate in the records
+    space.add("og_threshold", 0.5)  # valid iff p_oracle(intended class) >= threshold
+    space.add("og_oracle_width", 16)
+    space.add("og_oracle_steps", 400)  # ~10-20 s on one core for DigitStyles
+    space.add("og_oracle_lr", 3e-3)
+
+
 def og_hparams(space) -> None:
-    """The og_ hyperparameters (defaults sized for DigitStyles on one CPU core)."""
+    """The og_ hyperparameters of guidance (defaults sized for DigitStyles on one CPU core)."""
+    oracle_hparams(space)
     space.add("og_rounds", 2)  # 0 = no guidance (the generation is still judged by the oracle)
     space.add("og_weight", 1.0, lambda r: float(r.choice([0.5, 1.0, 2.0])))  # w in eps - sqrt(1-abar) w grad log C
-    space.add("og_threshold", 0.5)  # valid iff p_oracle(intended class) >= threshold
     space.add("og_samples_per_round", 256)  # images drawn and labelled per round (and per measurement)
     space.add("og_distill", True)  # guide the generation with one distilled network instead of the stack
     space.add("og_classifier_width", 16)  # channels of the validity classifier's first stage
     space.add("og_classifier_steps", 300)  # Adam steps per round classifier (and for the distilled one)
     space.add("og_classifier_lr", 2e-3)
     space.add("og_classifier_batch_size", 64)
-    space.add("og_oracle_width", 16)
-    space.add("og_oracle_steps", 400)  # ~10-20 s on one core for DigitStyles
-    space.add("og_oracle_lr", 3e-3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,6 +167,40 @@ def oracle_classifier(context, resolution: int, hparams: dict[str, Any], guard=N
 # The mixin
 # ------------------------------------------------------------------------------------------------
 
+def run_oracle(algorithm, context, backbone: Backbone) -> ClassifierOracle:
+    """The run's validity oracle (cached helper model; ``metric_oracle_val_acc`` records its accuracy)."""
+    cached = getattr(algorithm, "_og_oracle", None)
+    if cached is None:
+        hp = algorithm.hparams
+        entry = oracle_classifier(context, backbone.resolution, hp, guard=backbone.guard)
+        context.metrics.set("oracle_val_acc", entry.info.get("val_acc", float("nan")))
+        cached = ClassifierOracle(entry.module, check_threshold(hp["og_threshold"]), device=context.device,
+                                  preprocess=lambda x: resize(x, backbone.resolution))
+        cached.key = entry.key
+        algorithm._og_oracle = cached
+    return cached
+
+
+def judge_generation(algorithm, context, images: torch.Tensor, labels: torch.Tensor, env: int,
+                     round_name: str = "base") -> float:
+    """Judge generated images with the oracle; ``metric_invalid_rate`` = the invalid share of everything
+    generated for training so far (every generative method records it, guided or not)."""
+    backbone = algorithm.backbone(context)
+    oracle = run_oracle(algorithm, context, backbone)
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    start = time.perf_counter()
+    valid = oracle(x, labels)
+    context.costs.add("og_oracle_seconds", time.perf_counter() - start)
+    tally = getattr(algorithm, "_og_tally", {})
+    tally[(round_name, int(env))] = (len(valid), int((~valid).sum()))
+    algorithm._og_tally = tally
+    n = sum(a for (r, _), (a, _) in tally.items() if r == round_name)
+    bad = sum(b for (r, _), (_, b) in tally.items() if r == round_name)
+    algorithm._og_rate = bad / n
+    context.metrics.set("invalid_rate", bad / n)
+    return bad / n
+
+
 class OracleGuided:
     """Oracle-assisted guidance for a ``GenerativeAlgorithm``: put it first in the bases."""
 
@@ -174,16 +214,7 @@ class OracleGuided:
 
     # --- the oracle -----------------------------------------------------------------------------
     def og_oracle(self, context, backbone: Backbone) -> ClassifierOracle:
-        cached = getattr(self, "_og_oracle", None)
-        if cached is None:
-            hp = self.hparams
-            entry = oracle_classifier(context, backbone.resolution, hp, guard=backbone.guard)
-            context.metrics.set("oracle_val_acc", entry.info.get("val_acc", float("nan")))
-            oracle = ClassifierOracle(entry.module, check_threshold(hp["og_threshold"]), device=context.device,
-                                      preprocess=lambda x: resize(x, backbone.resolution))
-            oracle.key = entry.key
-            self._og_oracle = cached = oracle
-        return cached
+        return run_oracle(self, context, backbone)
 
     # --- drawing samples to label -------------------------------------------------------------------
     def og_draw(self, context, backbone: Backbone, terms: Sequence[GuidanceTerm], round_name: str, n: int):
@@ -292,25 +323,12 @@ class OracleGuided:
 
     def after_generation(self, context, images: torch.Tensor, labels: torch.Tensor, env: int,
                          round_name: str = "base") -> None:
-        super().after_generation(context, images, labels, env, round_name)
-        if not len(images):
-            return
-        backbone = self.backbone(context)
-        oracle = self.og_oracle(context, backbone)
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        start = time.perf_counter()
-        valid = oracle(x, labels)
-        context.costs.add("og_oracle_seconds", time.perf_counter() - start)
-        tally = getattr(self, "_og_tally", {})
-        tally[(round_name, int(env))] = (len(valid), int((~valid).sum()))
-        self._og_tally = tally
-        n = sum(a for (r, _), (a, _) in tally.items() if r == round_name)
-        bad = sum(b for (r, _), (_, b) in tally.items() if r == round_name)
-        # what the method trains on; with guidance but without distillation that is the full stack's rate
-        context.metrics.set("invalid_rate", bad / n)
+        super().after_generation(context, images, labels, env, round_name)  # judges: metric_invalid_rate
+        rate = getattr(self, "_og_rate", None)
         result = getattr(self, "_og_result", None)
-        if result is not None and result.distilled is None and result.classifiers:
-            context.metrics.set(f"invalid_rate_round{len(result.classifiers)}", bad / n)
+        if rate is not None and result is not None and result.distilled is None and result.classifiers:
+            # with guidance but without distillation, the training generation is the full stack's draw
+            context.metrics.set(f"invalid_rate_round{len(result.classifiers)}", rate)
 
 
 @register_algorithm("CDGA+OG")

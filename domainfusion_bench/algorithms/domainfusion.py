@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from domainfusion_bench.algorithms.base import register_algorithm
 from domainfusion_bench.algorithms.generative import GenerativeAlgorithm
+from domainfusion_bench.data.pools import mixed_split
 from domainfusion_bench.diffusion import Request, mix
 from domainfusion_bench.diffusion.backbones import Backbone, resize
 from domainfusion_bench.errors import DfbenchError
@@ -146,7 +147,6 @@ class DomainFusion(GenerativeAlgorithm):
     def __init__(self, input_shape, num_classes, num_domains, hparams):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         self._diffusion: Backbone | None = None
-        self._dataset = None
         self._pools: list[dict[str, torch.Tensor]] = []  # per training domain: images (uint8), labels, sources
         self._refreshes = 0
         self._generated = 0
@@ -166,9 +166,10 @@ class DomainFusion(GenerativeAlgorithm):
             if hp["df_target"] not in TARGETS:
                 raise DfbenchError(f"df_target must be one of {', '.join(TARGETS)}, got {hp['df_target']!r}")
 
-    def prepare(self, context: Any):
+    def generate(self, context: Any):
+        """The pre-stage (run by ``GenerativeAlgorithm.prepare`` with the run's random streams set aside):
+        load the shared backbone, fill the pool, return the mixed training splits."""
         self.check_hparams()
-        self._dataset = context.dataset
         if not (self.DISTILL or self.AUGMENT):
             return None
         self._diffusion = self.backbone(context)
@@ -177,9 +178,7 @@ class DomainFusion(GenerativeAlgorithm):
         if len(context.train_envs) < 2:
             raise DfbenchError("DomainFusion's online augmentation restyles toward another training domain: "
                                "it needs at least two training domains (or use DomainFusion-LD)")
-        devices = [context.device] if torch.device(context.device).type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # generation must not move the run's random streams
-            self._fill_pool(context)
+        self._fill_pool(context)
         self._record_metrics(context)
         return self._splits(context)
 
@@ -195,7 +194,7 @@ class DomainFusion(GenerativeAlgorithm):
             if self._diffusion is None:
                 raise DfbenchError("DomainFusion.prepare(context) must run before training (it loads the diffusion model)")
             hp = self.hparams
-            ld = latent_distillation(self._diffusion, self._dataset.to_unit(x).detach(), p_true, y,
+            ld = latent_distillation(self._diffusion, self._context.dataset.to_unit(x).detach(), p_true, y,
                                      t_min=hp["df_t_min"], t_max=hp["df_t_max"], weighting=hp["df_w"])
             loss = loss + hp["df_ld_weight"] * ld.loss
             terms["loss_ld"] = ld.loss.detach()
@@ -226,7 +225,7 @@ class DomainFusion(GenerativeAlgorithm):
                 ))
         return requests
 
-    def _generate(self, context, requests, desc: str) -> torch.Tensor:
+    def _img2img(self, context, requests, desc: str) -> torch.Tensor:
         """Images for ``requests`` through the generation cache, as uint8 at the classifier's input size."""
         hp = self.hparams
         sampler = self.sampler(self._diffusion)
@@ -248,14 +247,14 @@ class DomainFusion(GenerativeAlgorithm):
             if set(chosen) - set(allowed):
                 raise DfbenchError(f"DomainFusion: pool sources of domain {ds.domains[env]} are not all in its in-split")
             items = [ds.envs[env][i] for i in chosen]
-            sources = torch.stack([ds.item_to_unit(x) for x, _ in items])
+            sources = torch.stack([self.source_image(context, x, self._diffusion) for x, _ in items])
             labels = torch.tensor([int(y) for _, y in items], dtype=torch.long)
             refs = [{"dataset": ds.name, "domain": ds.domains[env], "index": int(i)} for i in chosen]
-            sources = resize(sources.float(), self._diffusion.resolution)
             requests = self._requests(context, env, sources, range(size), labels, 0, 1, refs)
-            images = self._generate(context, requests, f"DomainFusion pool from {ds.domains[env]}")
+            images = self._img2img(context, requests, f"DomainFusion pool from {ds.domains[env]}")
             if images.shape[1] != channels:
                 raise DfbenchError(f"the backbone made {images.shape[1]}-channel images for {channels}-channel {ds.name}")
+            self.after_generation(context, images, labels, env, "pool")
             self._pools.append({"images": images, "labels": labels, "sources": torch.tensor(chosen, dtype=torch.long)})
 
     def refresh_period(self, context) -> int:
@@ -284,19 +283,18 @@ class DomainFusion(GenerativeAlgorithm):
                     for k, i in enumerate(pool["sources"].tolist())]
             requests = self._requests(context, env, resize(current, self._diffusion.resolution),
                                       range(len(current)), pool["labels"], round_, n, refs)
-            candidates = self._generate(context, requests, f"DomainFusion refresh {round_} of {ds.domains[env]}")
+            candidates = self._img2img(context, requests, f"DomainFusion refresh {round_} of {ds.domains[env]}")
             with torch.no_grad():
                 ref_features = net(current.to(device))
                 cand_features = net(candidates.float().div(255).to(device))
             cand_features = cand_features.view(len(current), n, *cand_features.shape[1:])
             choice = select_candidates(ref_features, cand_features, keep).cpu()
             pool["images"] = candidates.view(len(current), n, *candidates.shape[1:])[torch.arange(len(current)), choice]
+            self.after_generation(context, pool["images"], pool["labels"], env, f"refresh{round_}")
         self._refreshes = round_
 
     def _splits(self, context):
-        from domainfusion_bench.data.pools import mixed_split
-
-        return [mixed_split(split, pool["images"], pool["labels"], self.hparams["df_synthetic_fraction"], context.dataset)
+        return [mixed_split(split, pool["images"], pool["labels"], self.hparams["df_synthetic_fraction"])
                 for split, pool in zip(context.train_splits, self._pools)]
 
     def cdga_images(self, context) -> int:

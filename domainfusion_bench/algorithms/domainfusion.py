@@ -291,6 +291,7 @@ class DomainFusion(GenerativeAlgorithm):
             choice = select_candidates(ref_features, cand_features, keep).cpu()
             pool["images"] = candidates.view(len(current), n, *candidates.shape[1:])[torch.arange(len(current)), choice]
             self.after_generation(context, pool["images"], pool["labels"], env, f"refresh{round_}")
+            context.heartbeat()
         self._refreshes = round_
 
     def _splits(self, context):

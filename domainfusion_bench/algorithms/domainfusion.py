@@ -121,6 +121,8 @@ class DomainFusion(GenerativeAlgorithm):
     NEEDS = "a diffusion backbone: pixel_ddpm (trained here on the training domains, offline) or sd:<checkpoint>"
     DISTILL = True  # (a) latent distillation
     AUGMENT = True  # (b) online lightweight augmentation
+    # a small pool refreshed every 2 steps of a batch-8 smoke run (45 steps per epoch on DigitStyles)
+    SMOKE_HPARAMS = {**GenerativeAlgorithm.SMOKE_HPARAMS, "df_pool_fraction": 0.02, "df_refresh_epochs": 0.05}
 
     @classmethod
     def hparam_space(cls, space: HParamSpace, dataset: type) -> None:
@@ -330,6 +332,7 @@ class DomainFusionLD(DomainFusion):
     """Ablation: CE + latent distillation only (no synthetic pool)."""
 
     AUGMENT = False
+    SMOKE_HPARAMS = GenerativeAlgorithm.SMOKE_HPARAMS
 
 
 @register_algorithm("DomainFusion-Aug")
@@ -347,3 +350,4 @@ class DomainFusionCE(DomainFusion):
     GENERATIVE = False
     DISTILL = False
     AUGMENT = False
+    SMOKE_HPARAMS = {}

@@ -54,7 +54,7 @@ def selections_for(selection: str | Sequence[str]) -> list[str]:
 
 
 def build(root: str | Path, selection: str | Sequence[str] = "all", error: str = "domainbed", costs: bool = False,
-          include_incomplete: bool = False, fmt: str = "text") -> Leaderboard:
+          include_incomplete: bool = False, fmt: str = "text", metrics: bool = False) -> Leaderboard:
     coll = load_records(root, include_incomplete=include_incomplete)
     if not coll.runs:
         if coll.incomplete_runs:
@@ -63,15 +63,16 @@ def build(root: str | Path, selection: str | Sequence[str] = "all", error: str =
         raise DfbenchError(f"no run results under {root} (no results.jsonl with a readable record)")
     # html shows accuracy vs cost, so it always needs the cost columns
     return leaderboard_from_collection(coll, selections=selections_for(selection), error=error,
-                                       costs=costs or fmt == "html")
+                                       costs=costs or fmt == "html", metrics=metrics)
 
 
 def leaderboard(root: str | Path, fmt: str = "text", selection: str | Sequence[str] = "all",
-                error: str = "domainbed", costs: bool = False, include_incomplete: bool = False) -> str:
+                error: str = "domainbed", costs: bool = False, include_incomplete: bool = False,
+                metrics: bool = False) -> str:
     """The leaderboard of every run below ``root``, rendered in ``fmt``."""
     fmt = format_for(None, fmt)
-    board = build(root, selection, error, costs, include_incomplete, fmt)
-    return render(board, fmt)
+    board = build(root, selection, error, costs, include_incomplete, fmt, metrics)
+    return render_html(board) if fmt == "html" else render(board, fmt)
 
 
 def write_leaderboard(root: str | Path, out: str | Path, fmt: str | None = None, **kwargs) -> Path:
@@ -199,7 +200,7 @@ def _html_table(table: Table) -> str:
     out = ["<table>", "<thead><tr><th>Algorithm</th>" + "".join(f"<th>{esc(c)}</th>" for c in table.columns)
            + "</tr></thead>", "<tbody>"]
     best = {}
-    if table.kind != "costs":
+    if table.kind not in ("costs", "metrics"):
         for c in table.columns:
             vals = [(table.cells[(r, c)].mean, r) for r in table.rows
                     if (r, c) in table.cells and table.cells[(r, c)].mean is not None]

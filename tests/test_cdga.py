@@ -139,7 +139,7 @@ def test_cli_diffusion_train_trains_then_finds_the_model(tmp_path, capsys):
     assert "pixel DDPM trained" in capsys.readouterr().out and (tmp_path / "preview.png").stat().st_size > 0
     main(argv)
     out = capsys.readouterr().out
-    assert "pixel DDPM found in cache" in out and "plain, inverted, sketch" in out
+    assert "pixel DDPM found in cache" in out and "poster, crayon, chalk" in out
     with pytest.raises(SystemExit):
         main(["diffusion", "train", "--dataset", "DigitStyles", "--test_envs", "0", "1", "2", "3", "--data_dir", str(tmp_path)])
     assert "not valid for DigitStyles" in capsys.readouterr().err

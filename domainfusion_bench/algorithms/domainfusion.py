@@ -229,14 +229,15 @@ class DomainFusion(GenerativeAlgorithm):
 
     def _img2img(self, context, requests, desc: str) -> torch.Tensor:
         """Images for ``requests`` through the generation cache, as uint8 at the classifier's input size."""
-        hp = self.hparams
         sampler = self.sampler(self._diffusion)
-        images, stats = context.generations.img2img(sampler, requests, hp["df_strength"], made_by=context.made_by,
-                                                    desc=desc)
+        images, stats = context.generations.img2img(sampler, requests, self.hparams["df_strength"],
+                                                    made_by=context.made_by, desc=desc, uint8=True)
         stats.charge(context.costs)
         self._generated += len(requests)
-        images = resize(images.float(), tuple(self.input_shape[-2:]))
-        return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+        size = tuple(self.input_shape[-2:])
+        if tuple(images.shape[-2:]) != size:  # e.g. a 512 px Stable Diffusion image for a 224 px classifier
+            images = self.to_uint8(resize(images.float() / 255, size).clamp(0, 1))
+        return images
 
     def _fill_pool(self, context) -> None:
         ds, args = context.dataset, context.args

@@ -66,7 +66,7 @@ class MixtureBackbone(Backbone):
     def decode(self, z):
         return z.float()
 
-    def _eps(self, z_t, t, cond):
+    def _predict(self, z_t, t, cond):  # epsilon prediction
         abar = self.alphas_cumprod[t.long()].view(-1, 1, 1)
         var = abar * self.std**2 + 1 - abar  # [B, 1, 1]
         d = z_t.float().view(-1, 1, 2) - abar.sqrt() * self.means.view(1, -1, 2)

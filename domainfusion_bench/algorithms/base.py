@@ -29,7 +29,7 @@ class Algorithm(nn.Module):
         self.num_classes = num_classes
         self.num_domains = num_domains
         self.hparams = hparams
-        self.featurizer = build_featurizer(self.input_shape, hparams)
+        self.featurizer = self.featurizer_override(self.input_shape, hparams) or build_featurizer(self.input_shape, hparams)
         self.classifier = build_classifier(self.featurizer.n_outputs, num_classes, hparams["nonlinear_classifier"])
         # DomainBed's dropout sits after the ResNet features only; the small CNN has none.
         p = hparams["resnet_dropout"] if isinstance(self.featurizer, ResNetFeaturizer) else 0.0
@@ -42,6 +42,11 @@ class Algorithm(nn.Module):
 
         Subclasses call ``super().hparam_space(space, dataset)`` first, then ``space.add(...)``.
         """
+
+    @classmethod
+    def featurizer_override(cls, input_shape: tuple[int, ...], hparams: dict[str, Any]) -> nn.Module | None:
+        """An algorithm's own featurizer (a module with ``n_outputs``), or None for the standard one."""
+        return None
 
     def configure_optimizer(self, params=None) -> torch.optim.Optimizer:
         params = self.parameters() if params is None else params

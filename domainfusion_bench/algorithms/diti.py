@@ -303,7 +303,6 @@ class DiTi(ERM):
             return ce, {}
         feat = self.featurizer
         x01 = feat.to_unit(x) if feat.to_unit is not None else x
-        self.objective.to(x.device)
         diti, frozen = self.objective.loss(feat.encoder, self.branch, x01.float())
         return ce + self.hparams["diti_lambda"] * diti, {"ce": ce.detach(), "diti_loss": diti.detach(),
                                                           "diti_frozen_loss": frozen}

@@ -124,7 +124,7 @@ def test_bad_settings_are_clear_errors():
 
 
 # --- end to end on DigitStyles: tiny DDPM, tiny encoder, a few steps ------------------------------------------
-FAST = {"batch_size": 8, "ddpm_steps": 2, "diti_steps": 4, "diti_z_dim": 64, "diti_encoder_width": 8,
+FAST = {"batch_size": 8, "ddpm_steps": 2, "sample_steps": 2, "diti_steps": 4, "diti_z_dim": 64, "diti_encoder_width": 8,
         "diti_branch_width": 8, "diti_batch_size": 8}
 
 
@@ -140,26 +140,29 @@ def diti_runs(tmp_path_factory):
     runs = {}
     for mode in ("probe", "finetune", "subset"):
         out = root / mode
-        train(TrainArgs(algorithm="DiTi", output_dir=str(out), hparams=json.dumps({**FAST, "diti_mode": mode}), **common))
+        hparams = {**FAST, "diti_mode": mode, "diti_probe_metrics": mode == "subset"}
+        train(TrainArgs(algorithm="DiTi", output_dir=str(out), hparams=json.dumps(hparams), **common))
         runs[mode] = out
     return root, runs
 
 
 def test_diti_runs_in_each_mode_record_the_pretraining_cost(diti_runs):
     root, runs = diti_runs
-    cached = list((root / "data" / ".dfbench_cache" / "diffusion" / "diti").glob("*/meta.json"))
+    cached = list((root / "data" / ".dfbench_cache" / "models" / "diti_encoder").glob("*/meta.json"))
     assert len(cached) == 1  # one encoder for the three runs: same training domains, trial and config
     meta = json.loads(cached[0].read_text())
-    assert meta["seen_domains"] == [1, 2, 3] and meta["n_images"] == sum(
-        len(get_dataset("DigitStyles", None).envs[e]) - int(len(get_dataset("DigitStyles", None).envs[e]) * 0.2)
-        for e in (1, 2, 3))
-    encoder_file = load_file(str(cached[0].parent / "encoder.safetensors"))
+    sizes = get_dataset("DigitStyles", None).sizes()
+    assert meta["identity"]["seen_envs"] == [1, 2, 3]  # the leakage guard reads this
+    assert meta["info"]["n_images"] == sum(sizes[e] - int(sizes[e] * 0.2) for e in (1, 2, 3))  # in-splits only
+    weights = load_file(str(cached[0].parent / "weights.safetensors"))
+    encoder_file = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
     for mode, run in runs.items():
         records = read(run)
         assert [r["step"] for r in records] == [0, 2] and (run / runfiles.DONE).exists()
         last = records[-1]
         assert last["cost_diti_train_seconds"] == pytest.approx(meta["train_seconds"]) and last["cost_diti_train_seconds"] > 0
         assert ("cost_reused_diti_train_seconds" in last) == (mode != "probe")  # the first run trained it
+        assert last["metric_diti_eval_loss"] == pytest.approx(meta["info"]["eval_loss"])
         assert last["cost_diffusion_train_seconds"] > 0
         model = torch.load(run / runfiles.MODEL, weights_only=False)["model_dict"]
         enc = {k[len("featurizer.encoder."):]: v for k, v in model.items() if k.startswith("featurizer.encoder.")}
@@ -167,6 +170,9 @@ def test_diti_runs_in_each_mode_record_the_pretraining_cost(diti_runs):
         assert same == (mode != "finetune")  # probe and subset keep z frozen; finetune trains the encoder
     assert "diti_loss" in read(runs["finetune"])[-1] and any(k.startswith("branch.") for k in
                                                              torch.load(runs["finetune"] / runfiles.MODEL, weights_only=False)["model_dict"])
+    probed = read(runs["subset"])[-1]
+    assert 0 <= probed["metric_diti_class_acc_t500_1000"] <= 1 and 0 <= probed["metric_diti_domain_acc_all"] <= 1
+    assert "metric_diti_class_acc_all" not in read(runs["probe"])[-1]
     subset = torch.load(runs["subset"] / runfiles.MODEL, weights_only=False)["model_dict"]
     assert subset["classifier.weight"].shape[1] == 64 - diti.block_end_dims(1000, 64, 64)[31]
 
@@ -175,7 +181,7 @@ def test_probe_report_reuses_the_encoder_and_scores_every_slice(diti_runs, tmp_p
     root, _ = diti_runs
     out = tmp_path / "probe.json"
     rows = probe_report("DigitStyles", str(root / "data"), [0], hparams_json=json.dumps(FAST), json_out=out)
-    assert len(list((root / "data" / ".dfbench_cache" / "diffusion" / "diti").glob("*/meta.json"))) == 1
+    assert len(list((root / "data" / ".dfbench_cache" / "models" / "diti_encoder").glob("*/meta.json"))) == 1
     assert [r["slice"] for r in rows][:5] == ["t 0-50", "t 50-100", "t 100-300", "t 300-500", "t 500-1000"]
     assert rows[-1]["dims"] == "0-64" and all(0 <= r["class_acc"] <= 1 and 0 <= r["domain_acc"] <= 1 for r in rows)
     assert json.loads(out.read_text())["rows"][0]["n_dims"] == rows[0]["n_dims"]

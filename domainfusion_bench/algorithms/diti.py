@@ -20,11 +20,9 @@ condition (DiTi is unsupervised; the shared DDPM learnt it through condition dro
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 import torch
@@ -32,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from domainfusion_bench.algorithms.base import register_algorithm
-from domainfusion_bench.algorithms.erm import ERM
-from domainfusion_bench.diffusion import build_backbone
+from domainfusion_bench.algorithms.generative import GenerativeAlgorithm
+from domainfusion_bench.diffusion import LeakageGuard, build_backbone
+from domainfusion_bench.diffusion.backbones import BackboneSpec, resize
 from domainfusion_bench.diffusion.diti import (
     DiTiConfig,
     DiTiEncoder,
@@ -41,20 +40,21 @@ from domainfusion_bench.diffusion.diti import (
     ShiftBranch,
     as_unit,
     block_end_dims,
+    build_model,
     encoder_resolution,
     format_probe_table,
     pretrain_diti,
     probe_slices,
     stage_slices,
 )
-from domainfusion_bench.diffusion.backbones import resize
 from domainfusion_bench.diffusion.factory import MODELS_SUBDIR
-from domainfusion_bench.diffusion.trainer import DEFAULT_STEPS, to_image_tensor
+from domainfusion_bench.diffusion.store import ModelStore
+from domainfusion_bench.diffusion.trainer import default_config
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.protocol import split_indices
 
 MODES = ("probe", "finetune", "subset")
-FORMAT = 1
+KIND = "diti_encoder"  # in the cached-model store; its cost is recorded as diti_train_seconds
 
 
 def parse_blocks(text: str, k: int) -> tuple[int, int]:
@@ -91,49 +91,47 @@ def z_slice(hp: dict[str, Any]) -> tuple[int, int]:
 
 
 class DiTiFeaturizer(nn.Module):
-    """model input -> [0, 1] images -> encoder -> standardised z[start:end]."""
+    """model input -> [0, 1] images -> encoder -> standardised z[start:end].
+
+    The input normalisation and z's statistics are buffers, so a saved model predicts without its dataset."""
 
     def __init__(self, encoder: DiTiEncoder, start: int, end: int):
         super().__init__()
         self.encoder, self.start, self.end = encoder, start, end
         self.n_outputs = end - start
-        self.register_buffer("mean", torch.zeros(encoder.z_dim))
-        self.register_buffer("std", torch.ones(encoder.z_dim))
-        self.to_unit = None  # set in prepare from the dataset (identity for [0, 1] tensor datasets)
+        channels = encoder.in_channels
+        self.register_buffer("input_mean", torch.zeros(1, channels, 1, 1))  # model input = (x01 - mean) / std
+        self.register_buffer("input_std", torch.ones(1, channels, 1, 1))
+        self.register_buffer("z_mean", torch.zeros(encoder.z_dim))
+        self.register_buffer("z_std", torch.ones(encoder.z_dim))
 
-    def z(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.to_unit(x) if self.to_unit is not None else x)
+    def set_input_normalization(self, normalization) -> None:
+        if normalization is not None:
+            mean, std = normalization
+            self.input_mean.copy_(torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+            self.input_std.copy_(torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def unit(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() * self.input_std + self.input_mean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = (self.z(x).float() - self.mean) / self.std
+        z = (self.encoder(self.unit(x)).float() - self.z_mean) / self.z_std
         return z[:, self.start:self.end]
-
-
-def unit_mapping(dataset):
-    """How model inputs map back to [0, 1]: the dataset's own ``to_unit``, or identity for tensor datasets."""
-    to_unit = getattr(dataset, "to_unit", None)
-    if to_unit is not None:
-        return to_unit
-    if dataset.eval_transform() is None and dataset.train_transform(True) is None:
-        return None
-    raise DfbenchError(f"DiTi needs {dataset.name}'s model inputs mapped back to [0, 1] (dataset.to_unit), "
-                       "which this dataset does not provide yet")
 
 
 def split_images(dataset, envs: Sequence[int], trial_seed: int, holdout_fraction: float, which: str, resolution: int):
     """(images uint8 [N, C, r, r], classes, domain positions in ``envs``) of the ``which`` ('in'/'out') splits."""
     xs, ys, ds = [], [], []
-    channels = int(dataset.input_shape[0])
     for pos, env in enumerate(envs):
         out_idx, in_idx = split_indices(len(dataset.envs[env]), trial_seed, env, holdout_fraction)
         idx = in_idx if which == "in" else out_idx
         data = dataset.envs[env]
         if isinstance(data, torch.utils.data.TensorDataset):
-            x = resize(data.tensors[0][torch.as_tensor(idx, dtype=torch.long)].float(), resolution)
+            x = resize(as_unit(data.tensors[0][torch.as_tensor(idx, dtype=torch.long)]), resolution)
             y = data.tensors[1][torch.as_tensor(idx, dtype=torch.long)].long()
         else:
             items = [data[i] for i in idx]
-            x = torch.stack([to_image_tensor(a, channels, resolution) for a, _ in items])
+            x = resize(torch.stack([dataset.item_to_unit(a) for a, _ in items]), resolution)
             y = torch.tensor([int(b) for _, b in items], dtype=torch.long)
         xs.append((x.clamp(0, 1) * 255).round().to(torch.uint8))
         ys.append(y)
@@ -141,90 +139,42 @@ def split_images(dataset, envs: Sequence[int], trial_seed: int, holdout_fraction
     return torch.cat(xs), torch.cat(ys), torch.cat(ds)
 
 
-def diti_key(dataset, train_envs, trial_seed, holdout_fraction, backbone_key: str, config: DiTiConfig, res: int) -> str:
-    ident = {"format": FORMAT, "dataset": dataset.name, "domains": list(dataset.domains), "sizes": dataset.sizes(),
-             "train_envs": sorted(int(e) for e in train_envs), "trial_seed": trial_seed,
-             "holdout_fraction": holdout_fraction, "backbone": backbone_key, "config": config.to_json(),
-             "encoder_resolution": res}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-
-
-def trained_encoder(backbone, dataset, train_envs, test_envs, *, trial_seed: int, holdout_fraction: float,
-                    config: DiTiConfig, cache_dir: Path, device, costs=None, made_by: str | None = None,
-                    progress: bool = True):
-    """(encoder, branch, info): from the cache, or pre-trained on the training domains' in-splits and cached.
-
-    Interim file cache (FileLock, atomic folder) until the layer's cached-model store lands; then this
-    becomes one ``context.models.get_or_train(kind="diti_encoder", ...)`` call around ``pretrain_diti``.
-    """
-    from filelock import FileLock
-    from safetensors.torch import load_file, save_file
-
-    if set(train_envs) & set(test_envs):
-        raise DfbenchError(f"leakage guard: DiTi pre-training domains {sorted(train_envs)} include held-out "
-                           f"{sorted(set(train_envs) & set(test_envs))}")
+def trained_encoder(backbone, dataset, train_envs, test_envs, *, store: ModelStore, trial_seed: int,
+                    holdout_fraction: float, config: DiTiConfig, device, costs=None, made_by: str | None = None,
+                    progress: bool = True, heartbeat=None):
+    """(DiTiModel with .encoder and .branch, info): from the cached-model store, or pre-trained against the
+    frozen ``backbone`` on the training domains' in-splits (never a held-out domain) and stored."""
     res = encoder_resolution(dataset.input_shape)
-    key = diti_key(dataset, train_envs, trial_seed, holdout_fraction, backbone.key, config, res)
-    root = Path(cache_dir) / "diti"
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / key[:24]
+    train_envs = sorted(int(e) for e in train_envs)
     channels = int(dataset.input_shape[0])
-    with FileLock(str(root / f"{key[:24]}.lock")):
-        reused = (path / "meta.json").exists()
-        if not reused:
-            images, _, _ = split_images(dataset, train_envs, trial_seed, holdout_fraction, "in", res)
-            names = ",".join(dataset.domains[e] for e in train_envs)
-            encoder, branch, info = pretrain_diti(backbone, images, config, device, progress, encoder_res=res,
-                                                  desc=f"DiTi encoder {dataset.name} on {names}")
-            with torch.no_grad():
-                z = torch.cat([encoder(as_unit(images[i:i + 256].to(device))) for i in range(0, len(images), 256)])
-            info.update(made_by=made_by, key=key, train_envs=sorted(train_envs), seen_domains=sorted(train_envs),
-                        z_mean=z.mean(0).tolist(), z_std=z.std(0).clamp(min=1e-6).tolist())
-            tmp = root / f".{key[:24]}.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp / "encoder.safetensors"))
-            save_file({k: v.contiguous() for k, v in branch.state_dict().items()}, str(tmp / "branch.safetensors"))
-            (tmp / "meta.json").write_text(json.dumps(info))
-            os.replace(tmp, path)
-    info = json.loads((path / "meta.json").read_text())
-    if set(info["seen_domains"]) & set(test_envs):
-        raise DfbenchError(f"leakage guard: cached DiTi encoder {path} saw held-out domains")
-    encoder = DiTiEncoder(channels, config.z_dim, config.encoder_width, res)
-    branch = ShiftBranch(backbone.latent_shape(), config.z_dim, config.branch_width)
-    encoder.load_state_dict(load_file(str(path / "encoder.safetensors")))
-    branch.load_state_dict(load_file(str(path / "branch.safetensors")))
-    seconds = float(info["train_seconds"])
-    if costs is not None:
-        costs.add("diti_train_seconds", seconds)
-        if reused and (made_by is None or info.get("made_by") != made_by):
-            costs.add("reused_diti_train_seconds", seconds)
-    info["reused"] = reused
-    return encoder.to(device).eval(), branch.to(device).eval(), info
 
+    def train(model):
+        images, _, _ = split_images(dataset, train_envs, trial_seed, holdout_fraction, "in", res)
+        names = ",".join(dataset.domains[e] for e in train_envs)
+        _, _, info = pretrain_diti(backbone, images, config, device, progress, encoder_res=res, model=model,
+                                   desc=f"DiTi encoder {dataset.name} on {names}", heartbeat=heartbeat)
+        return info
 
-def frozen_backbone(hp, dataset, train_envs, test_envs, *, trial_seed, holdout_fraction, cache_dir, device,
-                    costs=None, made_by=None):
-    """The shared DDPM (same spec and steps as CDGA's default, so the cache entry is shared), frozen."""
-    return build_backbone(hp["diffusion_backbone"], dataset=dataset, train_envs=train_envs, test_envs=test_envs,
-                          cache_dir=Path(cache_dir) / MODELS_SUBDIR, device=device, trial_seed=trial_seed,
-                          holdout_fraction=holdout_fraction, costs=costs, ddpm_steps=hp["ddpm_steps"],
-                          made_by=made_by).eval()
+    entry = store.get_or_train(
+        KIND, dataset=dataset, train_envs=train_envs, trial_seed=trial_seed, holdout_fraction=holdout_fraction,
+        config={**config.to_json(), "backbone": backbone.key, "encoder_resolution": res},
+        build=lambda: build_model(backbone, config, channels, res), train=train,
+        guard=LeakageGuard(dataset.name, dataset.domains, test_envs), costs=costs, made_by=made_by, device=device,
+        cost_name="diti_train_seconds")
+    return entry.module, {**entry.info, "key": entry.key, "reused": entry.reused, "train_seconds": entry.train_seconds}
 
 
 @register_algorithm("DiTi")
-class DiTi(ERM):
+class DiTi(GenerativeAlgorithm):
     """DiTi features: an encoder trained against the frozen DDPM; probe / finetune / subset of its z."""
 
     NEEDS = "the shared pixel DDPM (trained here on the training domains) or sd:<checkpoint>; trains a DiTi encoder"
-    GENERATIVE = True
+    SMOKE_HPARAMS = {**GenerativeAlgorithm.SMOKE_HPARAMS, "diti_mode": "finetune", "diti_steps": 4, "diti_z_dim": 64,
+                     "diti_encoder_width": 8, "diti_branch_width": 8, "diti_batch_size": 8}
 
     @classmethod
     def hparam_space(cls, space, dataset):
         super().hparam_space(space, dataset)
-        # shared with the other generative methods (the generative base will own these two)
-        space.add("diffusion_backbone", "pixel_ddpm")
-        space.add("ddpm_steps", DEFAULT_STEPS)
         space.add("diti_mode", "probe")  # probe | finetune | subset
         space.add("diti_blocks", "32-63")  # subset mode: inclusive block range the head reads
         space.add("diti_lambda", 1.0, lambda r: 10 ** r.uniform(-1, 1))  # finetune: weight of the DiTi loss
@@ -239,9 +189,11 @@ class DiTi(ERM):
         space.add("diti_lr", 1e-3)
         space.add("diti_ema_decay", 0.99)
         space.add("diti_seed", 0)
+        # also record linear-probe class/domain accuracy per time-step stage (metric_diti_*; ~10 s of CPU)
+        space.add("diti_probe_metrics", False)
 
     @classmethod
-    def featurizer_override(cls, input_shape, hparams):
+    def build_featurizer(cls, input_shape, hparams):
         start, end = z_slice(hparams)
         encoder = DiTiEncoder(int(input_shape[0]), hparams["diti_z_dim"], hparams["diti_encoder_width"],
                               encoder_resolution(input_shape))
@@ -252,39 +204,49 @@ class DiTi(ERM):
         self.mode = hparams["diti_mode"]
         self.config = config_from_hparams(hparams)
         self.objective: DiTiObjective | None = None
-        self.branch: ShiftBranch | None = None
+        if self.mode == "finetune" and BackboneSpec.parse(hparams["diffusion_backbone"]).kind == "pixel_ddpm":
+            # built now so a saved finetune model loads without its backbone (a latent backbone's is built in generate)
+            resolution = default_config(SimpleNamespace(input_shape=self.input_shape)).model.resolution
+            self.branch = ShiftBranch((self.input_shape[0], resolution, resolution), self.config.z_dim,
+                                      self.config.branch_width)
 
-    def prepare(self, context):
-        devices = [context.device] if torch.device(context.device).type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            self._pretrain(context)
-        return None
-
-    def _pretrain(self, context):
+    def generate(self, context):
+        """Pre-train (or find) the encoder; DiTi changes the features, not the data: no new splits."""
         hp, ds, args = self.hparams, context.dataset, context.args
-        made_by = getattr(context, "made_by", None) or str(Path(args.output_dir).resolve())
-        common = dict(trial_seed=args.trial_seed, holdout_fraction=args.holdout_fraction, costs=context.costs,
-                      made_by=made_by)
-        backbone = frozen_backbone(hp, ds, context.train_envs, context.test_envs, cache_dir=context.cache_dir,
-                                   device=context.device, **common)
-        encoder, branch, info = trained_encoder(backbone, ds, context.train_envs, context.test_envs, config=self.config,
-                                                cache_dir=context.cache_dir / MODELS_SUBDIR, device=context.device,
-                                                **common)
+        backbone = self.backbone(context).eval()
+        model, info = trained_encoder(backbone, ds, context.train_envs, context.test_envs, store=context.models,
+                                      trial_seed=args.trial_seed, holdout_fraction=args.holdout_fraction,
+                                      config=self.config, device=context.device, costs=context.costs,
+                                      made_by=context.made_by, heartbeat=context.heartbeat)
         if info["end_dims"] != block_end_dims(1000, self.config.k, self.config.z_dim, self.config.allocation):
             raise DfbenchError(f"DiTi assumes T = 1000 diffusion steps; this backbone has {backbone.num_train_timesteps}")
         feat = self.featurizer
-        feat.encoder.load_state_dict(encoder.state_dict())
-        feat.mean.copy_(torch.tensor(info["z_mean"]))
-        feat.std.copy_(torch.tensor(info["z_std"]))
-        feat.to_unit = unit_mapping(ds)
+        feat.encoder.load_state_dict(model.encoder.state_dict())
+        feat.z_mean.copy_(torch.tensor(info["z_mean"]))
+        feat.z_std.copy_(torch.tensor(info["z_std"]))
+        feat.set_input_normalization(getattr(ds, "NORMALIZATION", None))
         if self.mode == "finetune":
-            self.branch = branch.train().requires_grad_(True)
+            if getattr(self, "branch", None) is None or self.branch.unet.config.sample_size != model.branch.unet.config.sample_size:
+                self.branch = model.branch
+            self.branch.load_state_dict(model.branch.state_dict())
+            self.branch.to(context.device).train().requires_grad_(True)
             self.objective = DiTiObjective(backbone, self.config)
         else:
             feat.encoder.requires_grad_(False).eval()
+        context.metrics.set("diti_eval_loss", info["eval_loss"])
+        context.metrics.set("diti_eval_frozen_loss", info["eval_frozen_loss"])
+        if hp["diti_probe_metrics"]:
+            rows = slice_probe(model.encoder, ds, context.train_envs, args.trial_seed, args.holdout_fraction,
+                               info["end_dims"], backbone.num_train_timesteps, self.config.k, context.device)
+            for r in rows:
+                if not r["slice"].startswith("t <"):
+                    name = r["slice"].replace("t ", "t").replace("-", "_").replace(" ", "")
+                    context.metrics.set(f"diti_class_acc_{name}", r["class_acc"])
+                    context.metrics.set(f"diti_domain_acc_{name}", r["domain_acc"])
         print(f"DiTi ({self.mode}): encoder {info['key'][:12]} {'reused' if info['reused'] else 'trained'} "
-              f"({info['train_seconds']:.1f} s), DiTi loss {info['eval_loss']:.4f} vs frozen {info['eval_frozen_loss']:.4f}; "
-              f"head reads z[{feat.start}:{feat.end}]")
+              f"({info['train_seconds']:.1f} s), DiTi loss {info['eval_loss']:.4f} vs frozen "
+              f"{info['eval_frozen_loss']:.4f}; head reads z[{feat.start}:{feat.end}]")
+        return None
 
     def configure_optimizer(self, params=None):
         return super().configure_optimizer([p for p in self.parameters() if p.requires_grad] if params is None else params)
@@ -292,7 +254,7 @@ class DiTi(ERM):
     def train(self, mode: bool = True):
         super().train(mode)
         if getattr(self, "mode", "finetune") != "finetune":
-            self.featurizer.encoder.eval()  # frozen features: GroupNorm has no running stats, but say it
+            self.featurizer.encoder.eval()  # frozen features (GroupNorm keeps no running stats, but say it)
         return self
 
     def loss(self, minibatches):
@@ -302,10 +264,23 @@ class DiTi(ERM):
         if self.mode != "finetune" or self.objective is None:
             return ce, {}
         feat = self.featurizer
-        x01 = feat.to_unit(x) if feat.to_unit is not None else x
-        diti, frozen = self.objective.loss(feat.encoder, self.branch, x01.float())
+        diti, frozen = self.objective.loss(feat.encoder, self.branch, feat.unit(x))
         return ce + self.hparams["diti_lambda"] * diti, {"ce": ce.detach(), "diti_loss": diti.detach(),
                                                           "diti_frozen_loss": frozen}
+
+
+@torch.no_grad()
+def encode_split(encoder, dataset, envs, trial_seed, holdout_fraction, which, device):
+    x, y, d = split_images(dataset, envs, trial_seed, holdout_fraction, which, encoder.resolution)
+    z = torch.cat([encoder(as_unit(x[i:i + 256].to(device))).float().cpu() for i in range(0, len(x), 256)])
+    return z, y, d
+
+
+def slice_probe(encoder, dataset, train_envs, trial_seed, holdout_fraction, end_dims, num_timesteps, k, device):
+    """Probe rows per time-step slice: fitted on the training domains' in-splits, scored on their out-splits."""
+    fit = encode_split(encoder, dataset, train_envs, trial_seed, holdout_fraction, "in", device)
+    held = encode_split(encoder, dataset, train_envs, trial_seed, holdout_fraction, "out", device)
+    return probe_slices(*fit, *held, stage_slices(end_dims, num_timesteps, k))
 
 
 def probe_report(dataset_name: str, data_dir, test_envs: Sequence[int], *, hparams_json: str | None = None,
@@ -329,24 +304,19 @@ def probe_report(dataset_name: str, data_dir, test_envs: Sequence[int], *, hpara
     cache_dir = Path(cache_dir) if cache_dir else Path(data_dir) / ".dfbench_cache"
     train_envs = [i for i in range(len(dataset.domains)) if i not in test_envs]
     config = config_from_hparams(hp)
-    common = dict(trial_seed=trial_seed, holdout_fraction=holdout_fraction)
-    backbone = frozen_backbone(hp, dataset, train_envs, test_envs, cache_dir=cache_dir, device=device, **common)
-    encoder, _, info = trained_encoder(backbone, dataset, train_envs, test_envs, config=config,
-                                       cache_dir=cache_dir / MODELS_SUBDIR, device=device, **common)
-    res = encoder.resolution
-
-    @torch.no_grad()
-    def features(which):
-        x, y, d = split_images(dataset, train_envs, trial_seed, holdout_fraction, which, res)
-        z = torch.cat([encoder(as_unit(x[i:i + 256].to(device))).cpu() for i in range(0, len(x), 256)])
-        return z, y, d
-
-    fit, held = features("in"), features("out")
-    slices = stage_slices(info["end_dims"], backbone.num_train_timesteps, config.k)
-    rows = probe_slices(*fit, *held, slices)
+    store = ModelStore(cache_dir / MODELS_SUBDIR)
+    backbone = build_backbone(hp["diffusion_backbone"], dataset=dataset, train_envs=train_envs, test_envs=test_envs,
+                              store=store, device=device, trial_seed=trial_seed, holdout_fraction=holdout_fraction,
+                              ddpm_steps=hp["ddpm_steps"]).eval()
+    model, info = trained_encoder(backbone, dataset, train_envs, test_envs, store=store, trial_seed=trial_seed,
+                                  holdout_fraction=holdout_fraction, config=config, device=device)
+    rows = slice_probe(model.encoder, dataset, train_envs, trial_seed, holdout_fraction, info["end_dims"],
+                       backbone.num_train_timesteps, config.k, device)
+    n_fit = sum(len(split_indices(len(dataset.envs[e]), trial_seed, e, holdout_fraction)[1]) for e in train_envs)
+    n_held = sum(len(split_indices(len(dataset.envs[e]), trial_seed, e, holdout_fraction)[0]) for e in train_envs)
     print(f"DiTi probe on {dataset.name}, training domains {', '.join(dataset.domains[e] for e in train_envs)} "
           f"(held out: {', '.join(dataset.domains[e] for e in test_envs)}), trial {trial_seed}; "
-          f"fit on in-splits ({len(fit[0])}), scored on out-splits ({len(held[0])}); encoder "
+          f"fit on in-splits ({n_fit}), scored on out-splits ({n_held}); encoder "
           f"{info['key'][:12]}, DiTi loss {info['eval_loss']:.4f} vs frozen {info['eval_frozen_loss']:.4f}")
     print(format_probe_table(rows, dataset.num_classes, len(train_envs)))
     if json_out:

@@ -305,10 +305,17 @@ def evaluate_loss(objective: DiTiObjective, encoder: nn.Module, branch: nn.Modul
 # Pre-training
 # ------------------------------------------------------------------------------------------------
 
-def build_networks(backbone: Backbone, config: DiTiConfig, image_channels: int, encoder_resolution: int):
-    encoder = DiTiEncoder(image_channels, config.z_dim, config.encoder_width, encoder_resolution)
-    branch = ShiftBranch(backbone.latent_shape(), config.z_dim, config.branch_width)
-    return encoder, branch
+class DiTiModel(nn.Module):
+    """The trained pair, as one module (what the cached-model store saves)."""
+
+    def __init__(self, encoder: DiTiEncoder, branch: ShiftBranch):
+        super().__init__()
+        self.encoder, self.branch = encoder, branch
+
+
+def build_model(backbone: Backbone, config: DiTiConfig, image_channels: int, encoder_res: int) -> DiTiModel:
+    return DiTiModel(DiTiEncoder(image_channels, config.z_dim, config.encoder_width, encoder_res),
+                     ShiftBranch(backbone.latent_shape(), config.z_dim, config.branch_width))
 
 
 def encoder_resolution(input_shape: Sequence[int]) -> int:
@@ -318,10 +325,12 @@ def encoder_resolution(input_shape: Sequence[int]) -> int:
 
 def pretrain_diti(backbone: Backbone, images: torch.Tensor, config: DiTiConfig, device: str | torch.device = "cpu",
                   progress: bool = True, encoder_res: int | None = None, desc: str = "DiTi encoder",
-                  heartbeat: Callable[[], None] | None = None) -> tuple[DiTiEncoder, ShiftBranch, dict[str, Any]]:
+                  heartbeat: Callable[[], None] | None = None,
+                  model: DiTiModel | None = None) -> tuple[DiTiEncoder, ShiftBranch, dict[str, Any]]:
     """Train an encoder and shift branch against the frozen ``backbone`` on ``images`` ([N, C, H, W], uint8 or in [0, 1]:
-    the training domains' in-splits only). Returns the EMA encoder and branch (eval mode) and an info dict
-    (train_seconds, final_loss, eval_loss vs eval_frozen_loss on a fixed draw). The backbone is never
+    the training domains' in-splits only); ``model`` (a fresh ``build_model``) is trained in place when given.
+    Returns the EMA encoder and branch (eval mode) and an info dict (train_seconds, final_loss, eval_loss
+    vs eval_frozen_loss on a fixed draw, end_dims, z_mean and z_std over ``images``). The backbone is never
     updated; the caller's random streams are left untouched."""
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
@@ -333,7 +342,9 @@ def pretrain_diti(backbone: Backbone, images: torch.Tensor, config: DiTiConfig, 
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(config.seed)
-        encoder, branch = build_networks(backbone, config, images.shape[1], encoder_res or encoder_resolution(images.shape))
+        if model is None:
+            model = build_model(backbone, config, images.shape[1], encoder_res or encoder_resolution(images.shape))
+        encoder, branch = model.encoder, model.branch
         objective = DiTiObjective(backbone, config).to(device)
         encoder.to(device).train(), branch.to(device).train()
         params = list(encoder.parameters()) + list(branch.parameters())
@@ -361,10 +372,13 @@ def pretrain_diti(backbone: Backbone, images: torch.Tensor, config: DiTiConfig, 
         seconds = time.perf_counter() - start
         held = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(7))[:256]]
         eval_loss, eval_frozen = evaluate_loss(objective, encoder, branch, held)
+        with torch.no_grad():
+            z = torch.cat([encoder(as_unit(images[i:i + 256].to(device))).float().cpu() for i in range(0, len(images), 256)])
     tail = losses[-50:] or [float("nan")]
     info = {"train_seconds": seconds, "final_loss": sum(tail) / len(tail), "eval_loss": eval_loss,
             "eval_frozen_loss": eval_frozen, "steps": config.steps, "n_images": len(images),
-            "end_dims": objective.end_dims, "config": config.to_json(), "device": str(device)}
+            "end_dims": objective.end_dims, "config": config.to_json(), "device": str(device),
+            "z_mean": z.mean(0).tolist(), "z_std": z.std(0).nan_to_num(1.0).clamp(min=1e-6).tolist()}
     return encoder.requires_grad_(False), branch.requires_grad_(False), info
 
 

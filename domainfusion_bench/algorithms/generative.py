@@ -31,6 +31,7 @@ class GenerativeAlgorithm(ERM):
     NEEDS = "a diffusion backbone: pixel_ddpm (trained here on the training domains, offline) or sd:<checkpoint>"
     GENERATIVE = True
     ORACLE = False  # may condition on held-out domains (oracle rows only, e.g. CDGA*)
+    FEW_SHOT_TARGET = 0  # >0: the labelled few-shot-target track (not DG) may use that many unlabelled held-out images
     SMOKE_HPARAMS = {"ddpm_steps": 2, "sample_steps": 2}
 
     @classmethod
@@ -51,9 +52,13 @@ class GenerativeAlgorithm(ERM):
                 hp["diffusion_backbone"], dataset=context.dataset, train_envs=context.train_envs,
                 test_envs=context.test_envs, store=context.models, device=context.device,
                 trial_seed=args.trial_seed, holdout_fraction=args.holdout_fraction, costs=context.costs,
-                ddpm_steps=hp["ddpm_steps"], oracle=oracle, made_by=context.made_by)
+                ddpm_steps=hp["ddpm_steps"], oracle=oracle, made_by=context.made_by,
+                few_shot_target=self.few_shot_target())
             self._backbones = cached
         return cached[oracle]
+
+    def few_shot_target(self) -> int:
+        return self.FEW_SHOT_TARGET
 
     def sampler(self, backbone: Backbone, guidance: Sequence[GuidanceTerm] | None = None, **config) -> DDIMSampler:
         """A DDIM sampler with the run's settings; ``config`` overrides SamplerConfig fields. The batch size is

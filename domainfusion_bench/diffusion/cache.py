@@ -154,6 +154,9 @@ class GenerationCache:
         os.replace(tmp, path)
 
     def load_image(self, entry: dict[str, Any]) -> torch.Tensor:
+        return self.load_image_uint8(entry).float() / 255.0
+
+    def load_image_uint8(self, entry: dict[str, Any]) -> torch.Tensor:
         from PIL import Image
 
         path = self.root / entry["file"]
@@ -162,7 +165,7 @@ class GenerationCache:
             arr = arr[..., None] if arr.ndim == 2 else arr
         else:
             arr = np.load(path)
-        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
 
     def _append(self, entries: Sequence[dict[str, Any]]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -180,10 +183,11 @@ class GenerationCache:
     # --- generation --------------------------------------------------------------------------------
     def generate(self, sampler: DDIMSampler, requests: Sequence[Request], strength: float | None = None, *,
                  made_by: str | None = None, progress: bool = True, desc: str = "generating",
-                 keep_on_device: bool = False) -> tuple[torch.Tensor, GenerationStats]:
+                 keep_on_device: bool = False, uint8: bool = False) -> tuple[torch.Tensor, GenerationStats]:
         """Images for ``requests`` (img2img at ``strength``, or full sampling when it is None), reusing
         cached ones. Returns ([N, C, H, W] in [0, 1] at the backbone's resolution, on CPU or, with
-        ``keep_on_device``, on the backbone's device; stats)."""
+        ``keep_on_device``, on the backbone's device; stats). ``uint8``: the images as stored (uint8 0..255),
+        which is how training pools keep them: a float copy of every generation is 4x the memory."""
         from tqdm.auto import tqdm
 
         backbone = sampler.backbone
@@ -215,7 +219,7 @@ class GenerationCache:
                                      f"cached image {k[:12]}")
                     if not guard.allow_condition:
                         guard.check_seen(entry["condition_domains"], f"cached image {k[:12]} (its condition)")
-                    results[i] = self.load_image(entry)
+                    results[i] = self.load_image_uint8(entry)
                     if made_by is not None and entry.get("made_by") == made_by:
                         # made by this very caller before it was interrupted: its own cost, not reuse
                         stats.made_images += 1
@@ -230,6 +234,7 @@ class GenerationCache:
 
         def finish():
             out = torch.stack(results)
+            out = out if uint8 else out.float() / 255.0
             return (out.to(backbone.device) if keep_on_device else out), stats
 
         take_hits(range(len(requests)))
@@ -258,7 +263,7 @@ class GenerationCache:
                 per_image = out.seconds / len(idx)
                 new_entries = []
                 for j, i in enumerate(idx):
-                    results[i] = q[j].float() / 255.0
+                    results[i] = q[j].cpu()
                     stats.made_images += 1
                     stats.made_nfe += out.nfe[j]
                     stats.made_seconds += per_image

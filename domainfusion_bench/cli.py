@@ -173,6 +173,31 @@ def _run_diffusion_train(ns) -> None:
                   trial_seed=ns.trial_seed, holdout_fraction=ns.holdout_fraction, device=ns.device, preview=ns.preview)
 
 
+def _diti_parser(sub) -> None:
+    p = sub.add_parser("diti", help="DiTi features: which time-step slices of z carry class and which carry domain")
+    dsub = p.add_subparsers(dest="diti_command", required=True)
+    t = dsub.add_parser("probe", help="linear probes per slice of z (fit on training in-splits, scored on their out-splits)")
+    t.add_argument("--dataset", required=True, help="registered name, or folder:<path>")
+    t.add_argument("--test_envs", type=int, nargs="+", required=True, help="held-out domains: never read")
+    t.add_argument("--hparams", default=None, help="DiTi hyperparameters as JSON (the encoder of runs with the same ones)")
+    t.add_argument("--data_dir", default=None, help="root of the datasets (default: datasets, or $DFBENCH_DATA)")
+    t.add_argument("--cache_dir", default=None, help="default: <data_dir>/.dfbench_cache (where training runs look)")
+    t.add_argument("--trial_seed", type=int, default=0)
+    t.add_argument("--holdout_fraction", type=float, default=0.2)
+    t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    t.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON")
+    t.set_defaults(func=_run_diti_probe)
+
+
+def _run_diti_probe(ns) -> None:
+    from domainfusion_bench.algorithms.diti import probe_report
+    from domainfusion_bench.training import DEFAULT_DATA_DIR
+
+    probe_report(ns.dataset, ns.data_dir or DEFAULT_DATA_DIR, ns.test_envs, hparams_json=ns.hparams,
+                 trial_seed=ns.trial_seed, holdout_fraction=ns.holdout_fraction, cache_dir=ns.cache_dir,
+                 device=ns.device, json_out=ns.json)
+
+
 def _add_spec_overrides(p, spec_default: str | None = None) -> None:
     """--spec plus flags that override its fields (a flag left out keeps the spec's value)."""
     if spec_default is None:
@@ -369,8 +394,8 @@ def _run_bench(ns) -> None:
     print(json.dumps(report, indent=1) if ns.json else format_report(report), end="\n" if ns.json else "")
 
 
-PARSERS = [_list_parser, _train_parser, _collect_parser, _download_parser, _diffusion_parser, _sweep_parser,
-           _demo_parser, _bench_parser, _datasets_parser]
+PARSERS = [_list_parser, _train_parser, _collect_parser, _download_parser, _diffusion_parser, _diti_parser,
+           _sweep_parser, _demo_parser, _bench_parser, _datasets_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -323,3 +323,14 @@ def probe_report(dataset_name: str, data_dir, test_envs: Sequence[int], *, hpara
         Path(json_out).write_text(json.dumps({"dataset": dataset.name, "test_envs": list(test_envs),
                                               "trial_seed": trial_seed, "hparams": hp, "rows": rows}, indent=1))
     return rows
+
+
+@register_algorithm("DiTi-finetune")
+class DiTiFinetune(DiTi):
+    """DiTi in finetune mode by default (CE + diti_lambda x DiTi loss, encoder trainable, DDPM frozen): its
+    own row beside the probe, so the two modes sit in one table."""
+
+    @classmethod
+    def hparam_space(cls, space, dataset):
+        super().hparam_space(space, dataset)
+        space.add("diti_mode", "finetune")

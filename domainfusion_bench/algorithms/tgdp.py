@@ -1,0 +1,274 @@
+"""TGDP guidance for domain generalisation (Ouyang et al., "Transfer Learning for Diffusion Models",
+NeurIPS 2024), and its clearly labelled few-shot-target track TGDP-FS.
+
+Method (DG, no held-out data anywhere):
+1. One pooled-source diffusion model: the shared pixel DDPM of the training domains, sampled with the
+   null domain condition (it learnt the pool through domain-condition dropout), conditioned on the class.
+2. For every training domain j a target: q_j = domain j's in-split, p = all training in-splits pooled.
+   A domain classifier c (one head per j, source = the pool) gives r_j = c_j / (1 - c_j) (class-balanced
+   loss, so the n_source/n_target factor is 1; see diffusion/density_ratio.py).
+3. A guidance network h_psi(z_t, t, y) >= 0 with one output per j, regressed onto r_j(z_0) on the pooled
+   source samples with ||h - r||^2 (r, not log r); optional consistency and cycle regularisers.
+4. Samples per class, guided toward each j: eps_guided = eps_pool - sqrt(1 - abar_t) * w * grad log h_j
+   (and, optionally, toward random mixes sum_j a_j q_j, whose ratio is sum_j a_j h_j). Each guided
+   sample joins the split of the domain it was guided toward (a mix: its largest weight); ERM trains on
+   real + synthetic through the mixed split.
+
+TGDP-FS (domain adaptation, its own row, never averaged with DG rows): the same machinery with one
+target, k = ``tgdp_target_shots`` UNLABELLED in-split images of the held-out domain; samples of every
+class are guided toward it and spread over the training domains' splits.
+
+Our choices (the paper leaves them open for this use): the pool is the training domains' in-splits; the
+classifier and h are small CNNs on the DDPM's input space (32 px, [-1, 1]); samples start from noise
+(full DDIM trajectories); per-class counts ``tgdp_per_class``; guidance weight 1 (the paper's scale).
+
+Recorded (``metric_`` fields): the domain classifier's balanced accuracy (mean over heads), the density
+ratio's min / median / max on the pooled source samples, and the classifier's target probability on a
+probe of samples before (same seeds, no guidance) and after guidance. Costs: generated images, NFEs,
+guidance evaluations, generation seconds, helper-model training seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from domainfusion_bench.algorithms.base import register_algorithm
+from domainfusion_bench.algorithms.cdga import mixed_split
+from domainfusion_bench.algorithms.erm import ERM
+from domainfusion_bench.diffusion import DDIMSampler, GenerationCache, LeakageGuard, Request, SamplerConfig, build_backbone
+from domainfusion_bench.diffusion.backbones import parameters_digest
+from domainfusion_bench.diffusion.density_ratio import (
+    DensityRatioConfig,
+    DensityRatioGuidance,
+    DomainClassifier,
+    GuidanceNet,
+    ratios,
+    train_domain_classifier,
+    train_guidance_net,
+)
+from domainfusion_bench.diffusion.factory import GENERATIONS_SUBDIR, MODELS_SUBDIR
+from domainfusion_bench.diffusion.trainer import DEFAULT_STEPS, InSplitImages, to_image_tensor
+from domainfusion_bench.errors import DfbenchError
+from domainfusion_bench.protocol import seed_hash, split_indices
+
+
+@register_algorithm("TGDP")
+class TGDP(ERM):
+    """Density-ratio-guided samples of the pooled training domains toward each training domain, then ERM."""
+
+    NEEDS = "the shared pixel DDPM (trained here on the training domains, offline)"
+    GENERATIVE = True
+    FEW_SHOT = False  # TGDP-FS: k unlabelled held-out images as the target (domain adaptation, not DG)
+
+    @classmethod
+    def hparam_space(cls, space, dataset):
+        super().hparam_space(space, dataset)
+        space.add("tgdp_backbone", "pixel_ddpm")
+        space.add("tgdp_ddpm_steps", DEFAULT_STEPS)  # the shared DDPM's training steps (cached, shared with CDGA)
+        space.add("tgdp_sample_steps", 10)  # DDIM steps of a trajectory
+        space.add("tgdp_gen_batch_size", 128)
+        space.add("tgdp_per_class", 10)  # guided samples per class and target
+        space.add("tgdp_mixes", 0, lambda r: int(r.choice([0, 1, 2])))  # random Dirichlet(1) mixes of domains as extra targets
+        space.add("tgdp_weight", 1.0, lambda r: float(r.choice([0.5, 1.0, 2.0])))  # w; 1 = the paper's scale
+        space.add("tgdp_synthetic_fraction", 0.3, lambda r: r.uniform(0.1, 0.5))
+        space.add("tgdp_width", 32)  # helper nets' channels
+        space.add("tgdp_classifier_steps", 200)
+        space.add("tgdp_h_steps", 300)
+        space.add("tgdp_helper_batch_size", 64)
+        space.add("tgdp_consistency", 0.0)  # consistency regulariser weight (paper: optional)
+        space.add("tgdp_cycle", 0.0)  # cycle regulariser weight (paper: optional)
+        space.add("tgdp_max_log_ratio", 6.0)
+        space.add("tgdp_probe", 2)  # per class and target: samples also drawn unguided, to measure the move
+        if cls.FEW_SHOT:
+            space.add("tgdp_target_shots", 10)
+
+    # --- data: the only places that read images -----------------------------------------------------
+    def guard(self, context) -> LeakageGuard:
+        return LeakageGuard(context.dataset.name, context.dataset.domains, context.test_envs)
+
+    def source_pool(self, context, resolution: int):
+        """(x [N, C, R, R] in [0, 1], y, domain) of the training domains' in-splits."""
+        self.guard(context).check_sources(context.train_envs)
+        data = InSplitImages(context.dataset, context.train_envs, context.args.trial_seed,
+                             context.args.holdout_fraction, resolution)
+        tensors = data.tensors()
+        if tensors is None:
+            items = [data[k] for k in range(len(data))]
+            tensors = (torch.stack([x for x, _, _ in items]), torch.tensor([y for _, y, _ in items]),
+                       torch.tensor([d for _, _, d in items]))
+        return tensors
+
+    def few_shot_target(self, context, resolution: int) -> torch.Tensor:
+        """k unlabelled in-split images of the held-out domain (TGDP-FS only): [k, C, R, R] in [0, 1]."""
+        if not self.FEW_SHOT:
+            raise DfbenchError("leakage guard: TGDP (DG) may not read held-out images; use TGDP-FS for a few-shot target")
+        k = int(self.hparams["tgdp_target_shots"])
+        if len(context.test_envs) != 1 or k < 1:
+            raise DfbenchError(f"TGDP-FS needs exactly one held-out domain and tgdp_target_shots >= 1 "
+                               f"(got test_envs {list(context.test_envs)}, k = {k})")
+        env = int(context.test_envs[0])
+        ds = context.dataset
+        _, in_idx = split_indices(len(ds.envs[env]), context.args.trial_seed, env, context.args.holdout_fraction)
+        if k > len(in_idx):
+            raise DfbenchError(f"tgdp_target_shots = {k} but {ds.domains[env]}'s in-split has {len(in_idx)} images")
+        picked = in_idx[:k]  # the split's own seeded shuffle: a fixed, trial-dependent choice
+        channels = int(ds.input_shape[0])
+        env_data = ds.envs[env]
+        if hasattr(env_data, "tensors"):
+            x = env_data.tensors[0][torch.as_tensor(picked)]  # images only: the labels are never read
+            return torch.stack([to_image_tensor(xi, channels, resolution) for xi in x])
+        return torch.stack([to_image_tensor(env_data[i][0], channels, resolution) for i in picked])
+
+    def targets(self, context, pool, resolution: int):
+        """[(name, images [n, C, R, R] in [0, 1], labels or None, the training domain its samples augment)]."""
+        if self.FEW_SHOT:
+            env = int(context.test_envs[0])
+            return [(f"{context.dataset.domains[env]} ({self.hparams['tgdp_target_shots']} shots)",
+                     self.few_shot_target(context, resolution), None, None)]
+        x, y, d = pool
+        return [(context.dataset.domains[j], x[d == j], y[d == j], j) for j in context.train_envs]
+
+    # --- generation ------------------------------------------------------------------------------------
+    def prepare(self, context: Any):
+        devices = [context.device] if torch.device(context.device).type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._generate(context)
+
+    def _metric(self, context, name: str, value: float) -> None:
+        self.metrics_[name] = float(value)
+        meter = getattr(context, "metrics", None)
+        if meter is not None:
+            meter.set(name, float(value))
+
+    def _generate(self, context: Any):
+        hp, ds, args = self.hparams, context.dataset, context.args
+        self.metrics_: dict[str, float] = {}
+        made_by = str(Path(args.output_dir).resolve())
+        if hp["tgdp_per_class"] < 0 or hp["tgdp_mixes"] < 0 or not 0 <= hp["tgdp_synthetic_fraction"] <= 1:
+            raise DfbenchError("TGDP needs tgdp_per_class >= 0, tgdp_mixes >= 0 and 0 <= tgdp_synthetic_fraction <= 1")
+        backbone = build_backbone(
+            hp["tgdp_backbone"], dataset=ds, train_envs=context.train_envs, test_envs=context.test_envs,
+            cache_dir=context.cache_dir / MODELS_SUBDIR, device=context.device, trial_seed=args.trial_seed,
+            holdout_fraction=args.holdout_fraction, costs=context.costs, ddpm_steps=hp["tgdp_ddpm_steps"],
+            made_by=made_by,
+        )
+        device = backbone.device
+        res = backbone.resolution
+        pool = self.source_pool(context, res)
+        targets = self.targets(context, pool, res)
+        encode = lambda x: torch.cat([backbone.encode(x[i:i + 256].to(device)).cpu() for i in range(0, len(x), 256)])
+        z_pool = encode(pool[0])
+        z_targets = [encode(x) for _, x, _, _ in targets]
+        shape = tuple(z_pool.shape[1:])
+        K = len(targets)
+        config = DensityRatioConfig(
+            width=hp["tgdp_width"], batch_size=hp["tgdp_helper_batch_size"], classifier_steps=hp["tgdp_classifier_steps"],
+            h_steps=hp["tgdp_h_steps"], consistency_weight=hp["tgdp_consistency"], cycle_weight=hp["tgdp_cycle"],
+            time_classifier_steps=hp["tgdp_classifier_steps"], max_log_ratio=hp["tgdp_max_log_ratio"],
+            seed=seed_hash("TGDP", args.trial_seed),
+        )
+        heartbeat = getattr(context, "heartbeat", None)
+
+        # (1) domain classifier(s) c(z_0): head k = target k vs the pool
+        classifier = DomainClassifier(shape, K, width=config.width, max_log_ratio=config.max_log_ratio)
+        start = time.perf_counter()
+        c_info = train_domain_classifier(classifier, z_pool, z_targets, config=config, device=device, heartbeat=heartbeat)
+        context.costs.add("tgdp_domain_classifier_train_seconds", time.perf_counter() - start)
+        r_pool = ratios(classifier, z_pool, device)
+        self._metric(context, "tgdp_classifier_acc", float(np.mean(c_info["accuracy"])))
+        self._metric(context, "tgdp_ratio_min", r_pool.min().item())
+        self._metric(context, "tgdp_ratio_median", r_pool.median().item())
+        self._metric(context, "tgdp_ratio_max", r_pool.max().item())
+
+        # (2) optional time-conditioned classifier for the cycle term, (3) h_psi
+        time_classifier = None
+        abar = backbone.alphas_cumprod.detach().cpu()
+        if config.cycle_weight > 0:
+            time_classifier = DomainClassifier(shape, K, time=True, width=config.width, max_log_ratio=config.max_log_ratio)
+            start = time.perf_counter()
+            train_domain_classifier(time_classifier, z_pool, z_targets, config=config, abar=abar, device=device,
+                                    heartbeat=heartbeat)
+            context.costs.add("tgdp_time_classifier_train_seconds", time.perf_counter() - start)
+
+        def eps_model(z_t, t, y):  # the pooled-source model: null domain, the class when known
+            cond = backbone.condition(class_ids=y.cpu() if y is not None else None, batch=len(z_t))
+            return backbone.eps(z_t, t, cond)
+
+        h = GuidanceNet(shape, K, num_classes=len(ds.classes), width=config.width)
+        start = time.perf_counter()
+        h_info = train_guidance_net(h, z_pool, r_pool, abar, source_labels=pool[1], config=config,
+                                    targets=z_targets, target_labels=[y for _, _, y, _ in targets],
+                                    eps_model=eps_model, time_classifier=time_classifier, device=device,
+                                    heartbeat=heartbeat)
+        context.costs.add("tgdp_guidance_net_train_seconds", time.perf_counter() - start)
+        self._metric(context, "tgdp_h_regression_loss", h_info["final_regression"])
+
+        # (4) guided samples per class toward each target (and random mixes)
+        plan = [(f"toward {name}", k, None, augments) for k, (name, _, _, augments) in enumerate(targets)]
+        rng = np.random.RandomState(seed_hash("TGDP-mixes", args.trial_seed))
+        if not self.FEW_SHOT and K > 1:
+            for m in range(hp["tgdp_mixes"]):
+                a = rng.dirichlet(np.ones(K))
+                plan.append((f"mix {m}", None, a.tolist(), targets[int(a.argmax())][3]))
+        sampler_config = SamplerConfig(steps=hp["tgdp_sample_steps"], batch_size=hp["tgdp_gen_batch_size"])
+        cache = GenerationCache(context.cache_dir / GENERATIONS_SUBDIR)
+        h_key = parameters_digest(h)[:24]
+        generated: dict[int | None, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        probe_before, probe_after = [], []
+        n_classes = len(ds.classes)
+        for label, head, mix, augments in plan:
+            term = DensityRatioGuidance(h, hp["tgdp_weight"], head=head or 0, mix=mix, use_class=True,
+                                        cache_key=f"tgdp-h:{h_key}:head={head}:mix={mix}")
+            sampler = DDIMSampler(backbone, sampler_config, guidance=[term])
+            requests = [Request(class_id=c, domains={}, seed=seed_hash("TGDP", args.trial_seed, label, c, i))
+                        for c in range(n_classes) for i in range(hp["tgdp_per_class"])]
+            images, stats = cache.sample(sampler, requests, made_by=made_by, desc=f"TGDP {label}")
+            stats.charge(context.costs)
+            context.costs.add("guidance_evals", term.evals)
+            labels = torch.tensor([r.class_id for r in requests], dtype=torch.long)
+            generated.setdefault(augments, []).append((images, labels))
+            # the move: the classifier's target probability on the same seeds without and with guidance
+            idx = [c * hp["tgdp_per_class"] + i for c in range(n_classes) for i in range(min(hp["tgdp_probe"], hp["tgdp_per_class"]))]
+            if idx and head is not None:
+                before, s_before = cache.sample(DDIMSampler(backbone, sampler_config), [requests[i] for i in idx],
+                                                made_by=made_by, desc=f"TGDP probe {label}", progress=False)
+                s_before.charge(context.costs)
+                with torch.no_grad():
+                    for imgs, out in ((before, probe_before), (images[idx], probe_after)):
+                        logit = classifier(encode(imgs).to(device))[:, head]
+                        out.append(torch.sigmoid(logit).cpu())
+        if probe_before:
+            self._metric(context, "tgdp_target_prob_before", torch.cat(probe_before).mean().item())
+            self._metric(context, "tgdp_target_prob_after", torch.cat(probe_after).mean().item())
+
+        # (5) the guided samples join the training splits
+        splits, summary = [], []
+        shared = generated.get(None, [])  # few-shot target: spread evenly over the training domains
+        for n, (split, env) in enumerate(zip(context.train_splits, context.train_envs)):
+            parts = generated.get(env, [])
+            for images, labels in shared:
+                parts = parts + [(images[n::len(context.train_envs)], labels[n::len(context.train_envs)])]
+            if parts:
+                images = torch.cat([p[0] for p in parts])
+                labels = torch.cat([p[1] for p in parts])
+            else:
+                images, labels = torch.zeros(0, *pool[0].shape[1:]), torch.zeros(0, dtype=torch.long)
+            splits.append(mixed_split(split, images, labels, hp["tgdp_synthetic_fraction"], ds.input_shape))
+            summary.append(f"{ds.domains[env]}: {len(split)} real + {len(images)} guided")
+        print(f"{type(self).registered_name}: backbone {backbone.kind} {backbone.key[:12]}; classifier acc "
+              f"{self.metrics_['tgdp_classifier_acc']:.3f}; ratio [{self.metrics_['tgdp_ratio_min']:.3g}, "
+              f"{self.metrics_['tgdp_ratio_max']:.3g}]; " + "; ".join(summary))
+        return splits
+
+
+@register_algorithm("TGDP-FS")
+class TGDPFewShot(TGDP):
+    """FEW-SHOT TARGET (domain adaptation, not a DG result): guided toward k unlabelled held-out images."""
+
+    NEEDS = TGDP.NEEDS + "; reads tgdp_target_shots unlabelled images of the held-out domain (few-shot target)"
+    FEW_SHOT = True

@@ -38,3 +38,26 @@ class CostMeter:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.totals = dict(state)
+
+
+METRIC_PREFIX = "metric_"
+
+
+class MetricMeter:
+    """An algorithm's own measurements (L_LD, invalid-sample rates, density-ratio statistics), apart
+    from cost: ``metrics.set(name, value)``; every later record carries ``metric_<name>`` (last value)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+
+    def set(self, name: str, value: float) -> None:
+        self.values[name] = float(value)
+
+    def record_fields(self) -> dict[str, float]:
+        return {METRIC_PREFIX + name: value for name, value in sorted(self.values.items())}
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(self.values)
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.values = {k: float(v) for k, v in state.items()}

@@ -23,6 +23,7 @@ HEARTBEAT_TIMEOUT_S = 15 * 60
 RESUME = "resume.pt"
 SPLITS = "splits.json"
 MODEL = "model.pkl"
+PREVIEWS = "previews"  # a few generated images per stage and domain (generative methods)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from domainfusion_bench import runfiles
 from domainfusion_bench.algorithms import ALGORITHMS, Algorithm, algorithm_space, load_plugins
-from domainfusion_bench.costs import CostMeter
+from domainfusion_bench.costs import CostMeter, MetricMeter
 from domainfusion_bench.data import MultiDomainDataset, dataset_class, get_dataset
 from domainfusion_bench.data.loaders import SplitDataset, eval_batches, training_batches
 from domainfusion_bench.errors import DfbenchError
@@ -86,12 +86,14 @@ class TrainArgs:
     precision: str = "auto"  # auto (bf16 on CUDA) | bf16 | fp32
     num_workers: int | None = None  # one pool for all training domains; default min(8, cores)
     eval_batch_size: int | None = None
+    gen_batch_size: int | None = None  # images per denoiser call in generation stages (speed only)
     plugins: list[str] = field(default_factory=list)
 
 
 @dataclass
 class TrainingContext:
-    """What ``Algorithm.prepare`` may use: the data it is allowed to see, and where to account cost."""
+    """What an algorithm's hooks (``prepare``, ``on_step``, ``load_extra_state``) may use: the data it is
+    allowed to see, the run's device and precision, the caches, and where to account cost and metrics."""
 
     dataset: MultiDomainDataset
     train_envs: list[int]
@@ -102,6 +104,29 @@ class TrainingContext:
     device: torch.device
     costs: CostMeter
     cache_dir: Path
+    metrics: MetricMeter = field(default_factory=MetricMeter)
+    made_by: str = ""  # who made cached work: this run's directory
+    steps_per_epoch: float = 1.0  # of the real training splits
+    autocast: Any = contextlib.nullcontext  # ``with context.autocast():`` runs in the run's precision
+    heartbeat: Any = lambda: None  # call inside long pre-stages: the run stays visibly alive
+    is_main: bool = True
+    previews: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> a few uint8 generated images
+
+    @property
+    def models(self):
+        """The cached-model store for helper models (``diffusion/store.py``)."""
+        from domainfusion_bench.diffusion.factory import MODELS_SUBDIR
+        from domainfusion_bench.diffusion.store import ModelStore
+
+        return ModelStore(self.cache_dir / MODELS_SUBDIR, heartbeat=self.heartbeat)
+
+    @property
+    def generations(self):
+        """The generation cache (``diffusion/cache.py``)."""
+        from domainfusion_bench.diffusion.cache import GenerationCache
+        from domainfusion_bench.diffusion.factory import GENERATIONS_SUBDIR
+
+        return GenerationCache(self.cache_dir / GENERATIONS_SUBDIR)
 
 
 def resolve_hparams(args: TrainArgs) -> dict[str, Any]:
@@ -134,8 +159,9 @@ class Runtime:
         if args.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
-    def backward(self, loss: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> None:
-        self.accelerator.backward(loss)
+    def backward(self, loss: torch.Tensor, params: Sequence[torch.nn.Parameter], **kw) -> None:
+        """``kw`` (retain_graph, create_graph) goes to ``Tensor.backward``."""
+        self.accelerator.backward(loss, **kw)
         if self.world > 1:  # average gradients over ranks; each rank saw a slice of every minibatch
             for p in params:
                 if p.grad is not None:
@@ -178,16 +204,12 @@ def make_splits(dataset: MultiDomainDataset, args: TrainArgs, hparams: dict[str,
     return train, splits, index_record
 
 
-def load_data(args: TrainArgs, speed: Speed, dataset: MultiDomainDataset | None = None, workers: int = 0,
-              generative: bool = False) -> MultiDomainDataset:
-    """The run's dataset, decoded into the uint8 store when it is a small folder dataset.
-
-    Generative methods read single items of the real data in ``prepare``; they keep the per-image path.
-    """
+def load_data(args: TrainArgs, speed: Speed, dataset: MultiDomainDataset | None = None, workers: int = 0) -> MultiDomainDataset:
+    """The run's dataset, decoded into the uint8 store when it is a small folder dataset."""
     dataset = dataset or get_dataset(args.dataset, args.data_dir)
     dataset.check_test_envs(args.test_envs)
     store = getattr(dataset, "load_store", None)
-    if (speed.image_store and store is not None and not generative and not dataset.stored
+    if (speed.image_store and store is not None and not dataset.stored
             and dataset.store_bytes() <= speed.store_max_gb * 2**30):
         started = time.perf_counter()
         path = store(Path(args.data_dir) / ".dfbench_cache", num_workers=workers)
@@ -213,18 +235,37 @@ def model_input(x: torch.Tensor, runtime: "Runtime", channels_last: bool) -> tor
 
 def set_up(algorithm: Algorithm, context: TrainingContext, eval_splits: Sequence[SplitDataset], runtime: Runtime,
            speed: Speed) -> list[SplitDataset]:
-    """Let the algorithm prepare (a generative one generates here), then put data and model on the device
-    and build its optimizers. Returns the splits it trains on."""
-    replaced = algorithm.prepare(context)
+    """Put the model on its device, let the algorithm prepare (a generative one trains helpers and
+    generates here, on that device and in the run's precision), put the data on the device and build the
+    optimizers. Under DDP the main process prepares first; the others then find its work in the caches.
+    Returns the splits it trains on."""
+    algorithm.to(runtime.device)
+    with runtime.accelerator.main_process_first():
+        replaced = algorithm.prepare(context)
     train_splits = list(context.train_splits if replaced is None else replaced)
     data_to_device(train_splits + list(eval_splits), runtime.device, speed)
-    algorithm.to(runtime.device)
+    algorithm.to(runtime.device)  # prepare may have added modules
     if speed.on(runtime.cuda).channels_last:
         algorithm.to(memory_format=torch.channels_last)
     params = [p for p in algorithm.parameters() if p.requires_grad]
-    algorithm.backward = lambda loss: runtime.backward(loss, params)
+    algorithm.backward = lambda loss, **kw: runtime.backward(loss, params, **kw)
     algorithm.setup_optimizers()
     return train_splits
+
+
+def write_previews(run_dir: Path, previews: dict[str, torch.Tensor]) -> None:
+    """``previews/<name>.png``: a row of generated images per stage and domain (the HTML leaderboard shows them)."""
+    from torchvision.utils import save_image
+
+    folder = run_dir / runfiles.PREVIEWS
+    folder.mkdir(exist_ok=True)
+    for name, images in previews.items():
+        path = folder / f"{name}.png"
+        if not path.exists():
+            tmp = folder / f".{name}.tmp{os.getpid()}.png"
+            save_image(images.float().div(255.0) if images.dtype == torch.uint8 else images, str(tmp),
+                       nrow=len(images), padding=1)
+            os.replace(tmp, path)
 
 
 def splits_to_evaluate(n_domains: int, test_envs: Sequence[int], mode: str) -> list[str]:
@@ -347,7 +388,7 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
     speed = (speed or Speed()).on(runtime.cuda)
     workers = default_workers(args)
 
-    dataset = load_data(args, speed, workers=workers, generative=ALGORITHMS.get(args.algorithm).GENERATIVE)
+    dataset = load_data(args, speed, workers=workers)
     steps = args.steps if args.steps is not None else dataset.N_STEPS
     freq = args.checkpoint_freq or dataset.CHECKPOINT_FREQ
     train_envs = [i for i in range(len(dataset.envs)) if i not in args.test_envs]
@@ -358,17 +399,27 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
         print(f"{args.algorithm} on {dataset.name}, test envs {args.test_envs}, {steps} steps, hparams {hparams}")
 
     algorithm = ALGORITHMS.get(args.algorithm)(dataset.input_shape, dataset.num_classes, len(train_envs), hparams)
-    costs = CostMeter()
-    context = TrainingContext(dataset, train_envs, list(args.test_envs), train_splits, hparams, args,
-                              runtime.device, costs, Path(args.data_dir) / ".dfbench_cache")
+    costs, metrics = CostMeter(), MetricMeter()
+    batch_size = hparams["batch_size"]
+    context = TrainingContext(
+        dataset, train_envs, list(args.test_envs), train_splits, hparams, args, runtime.device, costs,
+        Path(args.data_dir) / ".dfbench_cache", metrics=metrics, made_by=str(run_dir.resolve()),
+        steps_per_epoch=min(len(s) / batch_size for s in train_splits), autocast=runtime.accelerator.autocast,
+        heartbeat=(lambda: runfiles.heartbeat(run_dir)) if runtime.is_main else (lambda: None), is_main=runtime.is_main)
     train_splits = set_up(algorithm, context, list(splits.values()), runtime, speed)
+    if runtime.is_main and context.previews:
+        write_previews(run_dir, context.previews)
 
     start_step, elapsed_before = 0, 0.0
     resume_path = run_dir / runfiles.RESUME
     if resume_path.exists():
         state = torch.load(resume_path, map_location=runtime.device, weights_only=False)
-        algorithm.load_resume_state(state["algorithm"])
+        restored = algorithm.load_resume_state(state["algorithm"], context)
+        if restored is not None:
+            train_splits = list(restored)
+            data_to_device(train_splits, runtime.device, speed)
         costs.load_state_dict(state["costs"])
+        metrics.load_state_dict(state.get("metrics", {}))
         _set_rng_state(state["rng"])
         start_step, elapsed_before = state["step"] + 1, state["elapsed"]
         if runtime.is_main:
@@ -379,17 +430,25 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
         runfiles.keep_records_through(run_dir, -1)
 
     eval_bs = args.eval_batch_size or (1024 if runtime.cuda else 256)
-    batch_size = hparams["batch_size"]
-    batches = training_batches(train_splits, batch_size, args.seed, start_step, num_workers=workers,
-                               pin_memory=speed.pin_memory, rank=runtime.rank, world=runtime.world, device=runtime.device,
-                               per_domain_loaders=speed.per_domain_loaders)
-    steps_per_epoch = min(len(s) / batch_size for s in train_splits)
+
+    def batches_from(step: int):
+        return training_batches(train_splits, batch_size, args.seed, step, num_workers=workers,
+                                pin_memory=speed.pin_memory, rank=runtime.rank, world=runtime.world,
+                                device=runtime.device, per_domain_loaders=speed.per_domain_loaders)
+
+    batches = batches_from(start_step)
+    steps_per_epoch = context.steps_per_epoch  # of the real in-splits, whatever synthetic data is added
     eval_names = splits_to_evaluate(len(dataset.envs), args.test_envs, args.eval_splits)
 
     sums: dict[str, torch.Tensor] = {}
     timing = {"step": 0.0, "data": 0.0, "n": 0, "images": 0}
     run_start = time.perf_counter()
     for step in range(start_step, steps):
+        replaced = algorithm.on_step(step, context)
+        if replaced is not None:  # e.g. a refreshed synthetic pool: batches from this step on come from it
+            train_splits = list(replaced)
+            data_to_device(train_splits, runtime.device, speed)
+            batches = batches_from(step)
         t0 = time.perf_counter()
         minibatches = [(model_input(x, runtime, speed.channels_last), y.to(runtime.device, non_blocking=True))
                        for x, y in next(batches)]
@@ -428,13 +487,14 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
             elapsed = elapsed_before + time.perf_counter() - run_start
             record.update(mem_gb=runtime.peak_memory_gb(), wall_time=elapsed, hparams=hparams, args=record_args)
             record.update(costs.record_fields())
+            record.update(metrics.record_fields())
             if runtime.is_main:
                 runfiles.append_record(run_dir, record)
                 accs = " ".join(f"{k[:-4]}={v:.3f}" for k, v in record.items() if k.endswith("_acc"))
                 print(f"step {step:5d}  loss {losses.get('loss', float('nan')):.4f}  {accs}  "
                       f"{record['images_per_s']:.0f} img/s")
                 state = {"step": step, "elapsed": elapsed, "algorithm": algorithm.resume_state(),
-                         "costs": costs.state_dict(), "rng": _rng_state()}
+                         "costs": costs.state_dict(), "metrics": metrics.state_dict(), "rng": _rng_state()}
                 tmp = resume_path.with_suffix(".tmp")
                 torch.save(state, tmp)
                 os.replace(tmp, resume_path)

@@ -4,9 +4,9 @@ resume without regenerating or retraining, the CDGA* oracle sharing the caches, 
 import json
 
 import pytest
+import torch
 
 from domainfusion_bench import runfiles
-from domainfusion_bench.algorithms.cdga import mixing_slots
 from domainfusion_bench.data import get_dataset
 from domainfusion_bench.diffusion import samplers, trainer
 from domainfusion_bench.diffusion.cache import MANIFEST
@@ -15,19 +15,11 @@ from domainfusion_bench.training import TrainArgs, train
 
 # 3 DDPM steps, 12 sources per domain, img2img over 2 DDIM steps: seconds on a CPU, the whole path still runs
 SOURCES = 12
-FAST = {"batch_size": 16, "cnn_width": 16, "cdga_ddpm_steps": 3, "cdga_strength": 0.2, "cdga_max_sources": SOURCES}
+FAST = {"batch_size": 16, "cnn_width": 16, "ddpm_steps": 3, "cdga_strength": 0.2, "cdga_max_sources": SOURCES}
 
 
 def read(run_dir):
     return [json.loads(line) for line in (run_dir / runfiles.RESULTS).read_text().splitlines()]
-
-
-def test_mixing_slots_give_the_synthetic_fraction():
-    slots = mixing_slots(100, 300, 0.5)
-    assert sum(s for s, _ in slots) / len(slots) == pytest.approx(0.5, abs=0.01)
-    assert {i for s, i in slots if s == 0} == set(range(100)) and {i for s, i in slots if s == 1} == set(range(300))
-    assert mixing_slots(10, 5, 0.0) == [(0, i) for i in range(10)]
-    assert mixing_slots(10, 5, 1.0) == [(1, i) for i in range(5)]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +33,9 @@ def cdga_runs(tmp_path_factory):
     beats = []
 
     def crash_on_second_checkpoint(run_dir):
-        beats.append(run_dir)
         real_heartbeat(run_dir)
+        if (run_dir / runfiles.RESUME).exists():  # a checkpoint's beat, not a pre-stage's
+            beats.append(run_dir)
         if len(beats) == 2:
             raise KeyboardInterrupt("killed")
 
@@ -63,6 +56,33 @@ def cdga_runs(tmp_path_factory):
     oracle = root / "oracle"
     train(TrainArgs(algorithm="CDGA*", output_dir=str(oracle), **common))
     return {"root": root, "before": before, "cdga": read(run), "run": run, "oracle": read(oracle)}
+
+
+def test_synthetic_images_are_in_the_training_batches(tmp_path, monkeypatch):
+    """The trainer's batches contain the very images the generation cache holds (not only real ones)."""
+    from domainfusion_bench.algorithms.cdga import CDGA
+    from domainfusion_bench.diffusion.cache import GenerationCache
+
+    seen = []
+    original = CDGA.update
+
+    def spy(self, minibatches):
+        seen.append(torch.cat([x for x, _ in minibatches]).detach().clone())
+        return original(self, minibatches)
+
+    monkeypatch.setattr(CDGA, "update", spy)
+    data = tmp_path / "data"
+    train(TrainArgs(algorithm="CDGA", dataset="DigitStyles", test_envs=[0], steps=6, checkpoint_freq=5,
+                    data_dir=str(data), hparams=json.dumps(FAST), num_workers=0, device="cpu", skip_model_save=True,
+                    output_dir=str(tmp_path / "run")))
+    cache = GenerationCache(data / ".dfbench_cache" / "generations")
+    made = torch.stack([cache.load_image(e) for e in cache.manifest().values()])
+    batches = torch.cat(seen)
+    made_rows = {row.numpy().tobytes() for row in made.flatten(1)}
+    hits = sum(row.numpy().tobytes() in made_rows for row in batches.flatten(1)) / len(batches)
+    assert 0.3 < hits < 0.7  # cdga_synthetic_fraction 0.5 of every draw is a generated image
+    previews = list((tmp_path / "run" / runfiles.PREVIEWS).glob("*.png"))
+    assert len(previews) == 3  # one strip per training domain
 
 
 def test_cdga_generates_trains_and_records_its_cost(cdga_runs):

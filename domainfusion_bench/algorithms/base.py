@@ -22,6 +22,8 @@ Minibatches = Sequence[tuple[torch.Tensor, torch.Tensor]]  # one (x, y) per trai
 class Algorithm(nn.Module):
     NEEDS = "nothing"  # shown by `dfbench list`
     GENERATIVE = False  # True: has a generation stage whose cost is reported
+    # hyperparameters that make a run cheap but still exercise every part (the contract test, smoke runs)
+    SMOKE_HPARAMS: dict[str, Any] = {}
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__()
@@ -29,12 +31,17 @@ class Algorithm(nn.Module):
         self.num_classes = num_classes
         self.num_domains = num_domains
         self.hparams = hparams
-        self.featurizer = build_featurizer(self.input_shape, hparams)
+        self.featurizer = self.build_featurizer(self.input_shape, hparams)
         self.classifier = build_classifier(self.featurizer.n_outputs, num_classes, hparams["nonlinear_classifier"])
         # DomainBed's dropout sits after the ResNet features only; the small CNN has none.
         p = hparams["resnet_dropout"] if isinstance(self.featurizer, ResNetFeaturizer) else 0.0
         self.network = nn.Sequential(self.featurizer, nn.Dropout(p), self.classifier)
         self.backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
+
+    @classmethod
+    def build_featurizer(cls, input_shape: tuple[int, ...], hparams: dict[str, Any]) -> nn.Module:
+        """The featurizer (needs ``n_outputs``). Override to supply another one (e.g. a DiTi encoder)."""
+        return build_featurizer(input_shape, hparams)
 
     @classmethod
     def hparam_space(cls, space: HParamSpace, dataset: type) -> None:
@@ -51,12 +58,28 @@ class Algorithm(nn.Module):
         """Called by the trainer once the model is on its device. Multi-optimiser methods override."""
         self.optimizer = self.configure_optimizer()
 
+    # --- hooks for methods whose training data or state changes (generative methods) ------------------
     def prepare(self, context: Any) -> Any:
-        """Called once before training with the trainer's context (data splits, cache, cost meter).
+        """Called once before training, after the model is on its device, with the trainer's context
+        (data splits, cached-model store, generation cache, cost and metric meters).
 
         Generative methods build their synthetic data here and may return replacement training
         datasets, one per training domain. The default uses the real data as it is.
         """
+        return None
+
+    def on_step(self, step: int, context: Any) -> Any:
+        """Called before every training step. Return new training datasets (one per training domain) to
+        train on them from this step on (the trainer rebuilds its batches), or None to keep the current ones."""
+        return None
+
+    def extra_state(self) -> dict[str, Any]:
+        """State beyond parameters and optimisers (pools, counters) saved at every resume point: tensors,
+        numbers, strings, bools, None, lists and dicts only (it is loaded with ``weights_only=True``)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any], context: Any) -> Any:
+        """Restore ``extra_state()`` on resume; return the training datasets that state implies (or None)."""
         return None
 
     def loss(self, minibatches: Minibatches) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -77,12 +100,15 @@ class Algorithm(nn.Module):
         return {name: v for name, v in vars(self).items() if isinstance(v, torch.optim.Optimizer)}
 
     def resume_state(self) -> dict[str, Any]:
-        return {"model": self.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()}}
+        return {"model": self.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
+                "extra": self.extra_state()}
 
-    def load_resume_state(self, state: dict[str, Any]) -> None:
+    def load_resume_state(self, state: dict[str, Any], context: Any = None) -> Any:
+        """Restore a resume point; returns the training datasets the algorithm's extra state implies."""
         self.load_state_dict(state["model"])
         for name, opt_state in state["optimizers"].items():
             self.optimizers()[name].load_state_dict(opt_state)
+        return self.load_extra_state(state.get("extra", {}), context)
 
 
 ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")

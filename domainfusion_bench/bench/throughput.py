@@ -106,13 +106,14 @@ def bench_profile(opts: BenchOptions, profile: Profile) -> dict[str, Any]:
                                "--resolution applies to image-folder datasets only (leave it out)")
         dataset.set_resolution(opts.resolution)
     started = time.perf_counter()
-    dataset = load_data(args, speed, dataset, workers, cls.GENERATIVE)
+    dataset = load_data(args, speed, dataset, workers)
     load_seconds = time.perf_counter() - started
     train_splits, splits, _ = make_splits(dataset, args, hparams, speed.eval_augment)
     train_envs = [i for i in range(len(dataset.envs)) if i not in args.test_envs]
     algorithm = cls(dataset.input_shape, dataset.num_classes, len(train_envs), hparams)
     context = TrainingContext(dataset, train_envs, list(args.test_envs), train_splits, hparams, args,
-                              runtime.device, CostMeter(), Path(args.data_dir) / ".dfbench_cache")
+                              runtime.device, CostMeter(), Path(args.data_dir) / ".dfbench_cache",
+                              autocast=runtime.accelerator.autocast)
     train_splits = set_up(algorithm, context, list(splits.values()), runtime, speed)
 
     batches = training_batches(train_splits, hparams["batch_size"], args.seed, num_workers=workers,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import torch
 from torch.utils.data import Dataset
 
 from domainfusion_bench.errors import DfbenchError
@@ -24,6 +25,8 @@ class MultiDomainDataset:
     SMALL_IMAGES = False  # MNIST-sized: DomainBed's small-image hyperparameters and checkpoint rate
     NEEDS = "nothing"  # shown by `dfbench list`: what a user must provide
     CNN_WIDTH = 128  # default width of the small CNN (DomainBed's MNIST network)
+    # (mean, std) per channel that model inputs are normalised with; None: model inputs are [0, 1] images
+    NORMALIZATION: tuple[Sequence[float], Sequence[float]] | None = None
 
     input_shape: tuple[int, ...]
     num_classes: int
@@ -47,6 +50,29 @@ class MultiDomainDataset:
 
     def eval_transform(self) -> Callable | None:
         return None
+
+    # --- images in [0, 1]: how generative methods move between classifier inputs and diffusion inputs ---
+    def item_to_unit(self, x) -> torch.Tensor:
+        """One raw example (PIL image, uint8 or float tensor) as a float [C, H, W] image in [0, 1]."""
+        if not isinstance(x, torch.Tensor):
+            from torchvision.transforms import functional as TF
+
+            x = TF.to_tensor(x.convert("RGB" if int(self.input_shape[0]) == 3 else "L"))
+        return x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+
+    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of model inputs (after transforms and normalisation) as images in [0, 1]; differentiable."""
+        if self.NORMALIZATION is None:
+            return x
+        mean, std = (torch.as_tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for v in self.NORMALIZATION)
+        return x * std + mean
+
+    def from_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] as model inputs (the inverse of ``to_unit``); differentiable."""
+        if self.NORMALIZATION is None:
+            return x
+        mean, std = (torch.as_tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for v in self.NORMALIZATION)
+        return (x - mean) / std
 
     def check_test_envs(self, test_envs: Sequence[int]) -> None:
         """One clear error unless ``test_envs`` are distinct domain indices that leave a training domain."""

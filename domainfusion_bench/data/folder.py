@@ -110,6 +110,7 @@ class _DecodeResized(Dataset):
 class ImageFolderDataset(MultiDomainDataset):
     """Domains are the sorted subfolders of ``root`` (as DomainBed); classes must match across domains."""
 
+    NORMALIZATION = (IMAGENET_MEAN, IMAGENET_STD)
     SUBDIR = ""  # folder under the data dir, DomainBed's name for it
     resolution = 224
 

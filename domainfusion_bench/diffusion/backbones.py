@@ -499,7 +499,7 @@ class StableDiffusionBackbone(Backbone):
 
 @dataclass
 class BackboneSpec:
-    """Parsed ``cdga_backbone``-style strings: ``pixel_ddpm``, ``sd:<folder or hub id>``, ``sd:tiny``."""
+    """Parsed ``diffusion_backbone``-style strings: ``pixel_ddpm``, ``sd:<folder or hub id>``, ``sd:tiny``."""
 
     kind: str
     source: str | None = None

@@ -14,8 +14,8 @@ from domainfusion_bench.diffusion.trainer import default_config, train_pixel_ddp
 from domainfusion_bench.protocol import HOLDOUT_FRACTION
 
 
-def build_backbone(spec: str, *, dataset, train_envs: Sequence[int], test_envs: Sequence[int], cache_dir: str | Path,
-                   device: str | torch.device = "cpu", trial_seed: int = 0, holdout_fraction: float = HOLDOUT_FRACTION,
+def build_backbone(spec: str, *, dataset, train_envs: Sequence[int], test_envs: Sequence[int],
+                   cache_dir: str | Path | None = None, store=None, device: str | torch.device = "cpu", trial_seed: int = 0, holdout_fraction: float = HOLDOUT_FRACTION,
                    costs=None, ddpm_steps: int | None = None, ddpm_overrides: dict | None = None,
                    oracle: bool = False, progress: bool = True, made_by: str | None = None) -> Backbone:
     """A backbone with the run's leakage guard installed (``oracle``: may condition on held-out domains)."""
@@ -24,7 +24,7 @@ def build_backbone(spec: str, *, dataset, train_envs: Sequence[int], test_envs: 
         config = default_config(dataset, steps=ddpm_steps, **(ddpm_overrides or {}))
         trained = train_pixel_ddpm(dataset, train_envs, test_envs, trial_seed=trial_seed,
                                    holdout_fraction=holdout_fraction, config=config, cache_dir=cache_dir,
-                                   device=device, progress=progress, costs=costs, allow_condition_on_held_out=oracle,
+                                   store=store, device=device, progress=progress, costs=costs, allow_condition_on_held_out=oracle,
                                    made_by=made_by)
         return trained.backbone
     common = dict(dataset=dataset.name, domains=dataset.domains, classes=dataset.classes,
@@ -39,7 +39,7 @@ def build_backbone(spec: str, *, dataset, train_envs: Sequence[int], test_envs: 
     return backbone.to(device).restrict(test_envs, allow_condition=oracle)
 
 
-MODELS_SUBDIR = "diffusion"  # <cache_dir>/diffusion/pixel_ddpm/<key>/: trained backbones
+MODELS_SUBDIR = "models"  # <cache_dir>/models/<kind>/<key>/: the cached-model store (pixel DDPMs, helper models)
 GENERATIONS_SUBDIR = "generations"  # <cache_dir>/generations/: images + manifest.jsonl
 
 

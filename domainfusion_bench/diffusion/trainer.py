@@ -1,9 +1,9 @@
 """Train the small pixel DDPM on the training domains' in-splits only, and cache it.
 
-The weights are cached under ``<cache_dir>/pixel_ddpm/<key>/`` where the key hashes (dataset, its
-domains and sizes, training domains, split seed, holdout fraction, config). The first run that needs a
-model trains it (under a file lock, so parallel runs wait instead of training twice) and pays its
-``diffusion_train_seconds``; later runs load it and report the same seconds as ``reused_``.
+The weights live in the cached-model store (``diffusion/store.py``) under ``pixel_ddpm/<key>/``, keyed by
+(dataset, its domains and sizes, training domains, split seed, holdout fraction, config). The first run
+that needs a model trains it (under a file lock, so parallel runs wait instead of training twice) and pays
+its ``diffusion_train_seconds``; later runs load it and report the same seconds as ``reused_``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 from domainfusion_bench.diffusion.backbones import PixelDDPMBackbone, PixelDDPMConfig, resize
 from domainfusion_bench.diffusion.conditions import LeakageGuard
+from domainfusion_bench.diffusion.store import ModelStore
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.protocol import HOLDOUT_FRACTION, split_indices
 
@@ -66,13 +67,6 @@ def default_config(dataset, steps: int | None = None, **overrides) -> DDPMTrainC
     return replace(config, steps=steps) if steps is not None else config
 
 
-def ddpm_key(dataset, train_envs: Sequence[int], trial_seed: int, holdout_fraction: float, config: DDPMTrainConfig) -> str:
-    ident = {"format": FORMAT, "dataset": dataset.name, "domains": list(dataset.domains), "sizes": dataset.sizes(),
-             "train_envs": sorted(int(e) for e in train_envs), "trial_seed": trial_seed,
-             "holdout_fraction": holdout_fraction, "config": config.to_json()}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-
-
 class InSplitImages(Dataset):
     """(image in [0, 1] at ``resolution``, class, domain) for the in-splits of ``train_envs`` only."""
 
@@ -92,7 +86,7 @@ class InSplitImages(Dataset):
     def __getitem__(self, k: int):
         env, i = self.items[k]
         x, y = self.dataset.envs[env][i]
-        return to_image_tensor(x, self.channels, self.resolution), int(y), env
+        return resize(self.dataset.item_to_unit(x).unsqueeze(0), self.resolution).squeeze(0), int(y), env
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """All items as tensors when every domain is a TensorDataset (the embedded/MNIST fast path)."""
@@ -103,22 +97,10 @@ class InSplitImages(Dataset):
         for env in sorted(envs):
             idx = torch.tensor([i for e, i in self.items if e == env], dtype=torch.long)
             x, y = self.dataset.envs[env].tensors[:2]
-            xs.append(resize(x[idx].float(), self.resolution))
+            xs.append(resize(x[idx].float() / (255.0 if x.dtype == torch.uint8 else 1.0), self.resolution))
             ys.append(y[idx].long())
             ds.append(torch.full((len(idx),), env, dtype=torch.long))
         return torch.cat(xs), torch.cat(ys), torch.cat(ds)
-
-
-def to_image_tensor(x, channels: int, resolution: int | None = None) -> torch.Tensor:
-    """A dataset example (tensor in [0, 1] or PIL image) as a float [C, H, W] tensor in [0, 1]."""
-    if not isinstance(x, torch.Tensor):
-        from torchvision.transforms import functional as TF
-
-        x = TF.to_tensor(x.convert("RGB" if channels == 3 else "L"))
-    x = x.float()
-    if resolution is not None:
-        x = resize(x.unsqueeze(0), resolution).squeeze(0)
-    return x
 
 
 def _batches(data: InSplitImages, config: DDPMTrainConfig, workers: int) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -145,68 +127,65 @@ class TrainedDDPM:
 
 def train_pixel_ddpm(dataset, train_envs: Sequence[int], test_envs: Sequence[int], *, trial_seed: int = 0,
                      holdout_fraction: float = HOLDOUT_FRACTION, config: DDPMTrainConfig | None = None,
-                     cache_dir: str | Path, device: str | torch.device = "cpu", progress: bool = True,
-                     costs=None, workers: int | None = None, allow_condition_on_held_out: bool = False,
-                     made_by: str | None = None) -> TrainedDDPM:
-    """Load the cached DDPM for these training domains, or train it on their in-splits and cache it.
+                     cache_dir: str | Path | None = None, store: ModelStore | None = None,
+                     device: str | torch.device = "cpu", progress: bool = True, costs=None, workers: int | None = None,
+                     allow_condition_on_held_out: bool = False, made_by: str | None = None) -> TrainedDDPM:
+    """Load the cached DDPM for these training domains, or train it on their in-splits, through the
+    cached-model store (``store``, or one at ``cache_dir``).
 
     The returned backbone is already restricted to ``test_envs`` (the leakage guard is installed).
-    ``costs`` (a CostMeter) gets ``diffusion_train_seconds``, and ``reused_diffusion_train_seconds``
-    when the weights came from the cache and were made by someone other than ``made_by`` (a run
-    that is resumed after a crash paid for the model it trained itself). Training does not touch the
-    caller's random state, so a run is the same whether it trained the model or found it.
+    ``costs`` gets ``diffusion_train_seconds``, and ``reused_diffusion_train_seconds`` when the weights
+    were made by someone other than ``made_by`` (a resumed run paid for the model it trained itself).
     """
-    from filelock import FileLock
-
     guard = LeakageGuard(dataset.name, dataset.domains, test_envs)
     train_envs = sorted(int(e) for e in train_envs)
     if not train_envs:
         raise DfbenchError("a diffusion model needs at least one training domain")
     guard.check_train(train_envs)
     config = config or default_config(dataset)
-    key = ddpm_key(dataset, train_envs, trial_seed, holdout_fraction, config)
-    root = Path(cache_dir) / "pixel_ddpm"
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / key[:24]
-    # building and initialising modules draws from the global RNG: keep the caller's streams untouched
-    rng_devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
-    with FileLock(str(root / f"{key[:24]}.lock")), torch.random.fork_rng(devices=rng_devices):
-        reused = (path / PixelDDPMBackbone.META).exists()
-        if not reused:
-            backbone = _train(dataset, train_envs, trial_seed, holdout_fraction, config, key, device, progress, workers)
-            backbone.info["made_by"] = made_by
-            tmp = root / f".{key[:24]}.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            backbone.save(tmp)
-            os.replace(tmp, path)
-        backbone = PixelDDPMBackbone.load(path, device)
+    if store is None:
+        if cache_dir is None:
+            raise DfbenchError("train_pixel_ddpm needs a cache_dir or a ModelStore")
+        store = ModelStore(cache_dir)
+    where = dict(dataset=dataset, train_envs=train_envs, trial_seed=trial_seed, holdout_fraction=holdout_fraction,
+                 config=config.to_json())
+    key = store.key_of(store.identity("pixel_ddpm", **where))
+    device = torch.device(device)
+
+    def build() -> PixelDDPMBackbone:
+        torch.manual_seed(config.seed)
+        info = {"train_envs": train_envs, "trial_seed": trial_seed, "holdout_fraction": holdout_fraction,
+                "train_config": config.to_json()}
+        return PixelDDPMBackbone.create(config.model, dataset=dataset.name, domains=dataset.domains,
+                                        classes=dataset.classes, image_channels=int(dataset.input_shape[0]),
+                                        seen_domains=train_envs, key=key, info=info).to(device)
+
+    def fit(backbone: PixelDDPMBackbone) -> dict:
+        _train(backbone, dataset, train_envs, trial_seed, holdout_fraction, config, device, progress, workers)
+        backbone.info["made_by"] = made_by
+        return {k: backbone.info[k] for k in ("final_loss", "trained_on")}
+
+    entry = store.get_or_train("pixel_ddpm", **where, build=build, train=fit, guard=guard, costs=costs,
+                               made_by=made_by, device=device, cost_name="diffusion_train_seconds",
+                               save=lambda backbone, path: backbone.save(path),
+                               load=lambda path, dev: PixelDDPMBackbone.load(path, dev))
+    backbone = entry.module
     if backbone.key != key:
-        raise DfbenchError(f"cached DDPM at {path} has key {backbone.key[:12]}, expected {key[:12]}; delete the folder")
-    seconds = float(backbone.info.get("train_seconds", 0.0))
-    if costs is not None:
-        costs.add("diffusion_train_seconds", seconds)
-        if reused and (made_by is None or backbone.info.get("made_by") != made_by):
-            costs.add("reused_diffusion_train_seconds", seconds)
+        raise DfbenchError(f"cached DDPM at {entry.path} has key {backbone.key[:12]}, expected {key[:12]}; delete the folder")
     backbone.restrict(test_envs, allow_condition=allow_condition_on_held_out)
-    return TrainedDDPM(backbone, key, path, seconds, reused)
+    return TrainedDDPM(backbone, key, entry.path, entry.train_seconds, entry.reused)
 
 
-def _train(dataset, train_envs, trial_seed, holdout_fraction, config: DDPMTrainConfig, key, device, progress, workers):
+def _train(backbone: PixelDDPMBackbone, dataset, train_envs, trial_seed, holdout_fraction, config: DDPMTrainConfig,
+           device, progress, workers) -> None:
+    """Fit ``backbone`` in place on the in-splits of ``train_envs``."""
     from diffusers.optimization import get_constant_schedule_with_warmup
     from tqdm.auto import tqdm
 
-    device = torch.device(device)
     data = InSplitImages(dataset, train_envs, trial_seed, holdout_fraction, config.model.resolution)
-    channels = int(dataset.input_shape[0])
-    trained_on = {d: {"n": len(idx), "indices_sha": hashlib.sha256(json.dumps(sorted(idx)).encode()).hexdigest()[:16]}
-                  for d, idx in data.index_record.items()}
-    info = {"train_envs": train_envs, "trial_seed": trial_seed, "holdout_fraction": holdout_fraction,
-            "trained_on": trained_on, "train_config": config.to_json()}
-    torch.manual_seed(config.seed)
-    backbone = PixelDDPMBackbone.create(config.model, dataset=dataset.name, domains=dataset.domains,
-                                        classes=dataset.classes, image_channels=channels, seen_domains=train_envs,
-                                        key=key, info=info)
-    backbone.to(device)
+    backbone.info["trained_on"] = {
+        d: {"n": len(idx), "indices_sha": hashlib.sha256(json.dumps(sorted(idx)).encode()).hexdigest()[:16]}
+        for d, idx in data.index_record.items()}
     model = backbone.model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     lr_schedule = get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
@@ -248,4 +227,3 @@ def _train(dataset, train_envs, trial_seed, holdout_fraction, config: DDPMTrainC
     backbone.info.update(train_seconds=time.perf_counter() - start, final_loss=sum(tail) / len(tail),
                          device=str(device), created=time.time())
     model.eval()
-    return backbone

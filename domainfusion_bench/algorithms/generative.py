@@ -1,0 +1,98 @@
+"""What every generative method shares: one diffusion backbone per (training domains, trial), a DDIM
+sampler, hooks for guidance terms and for judging what was generated, and a generation stage that
+leaves the run's random streams untouched (a run that finds everything cached trains exactly like the
+run that made it).
+
+A method subclasses ``GenerativeAlgorithm`` and implements ``generate(context)``, returning one training
+split per training domain (usually ``data.pools.mixed_split`` of the real split and its uint8 images).
+The shared hyperparameters keep the pixel DDPM shared: every method with the same ``ddpm_steps`` on the
+same training domains and trial loads the one model the first of them trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from domainfusion_bench.algorithms.erm import ERM
+from domainfusion_bench.diffusion import DDIMSampler, SamplerConfig, build_backbone
+from domainfusion_bench.diffusion.backbones import Backbone, resize
+from domainfusion_bench.diffusion.cache import quantize
+from domainfusion_bench.diffusion.samplers import GuidanceTerm
+from domainfusion_bench.diffusion.trainer import DEFAULT_STEPS
+
+PREVIEW_IMAGES = 8  # per (stage, domain) in the run's previews/ folder and the HTML leaderboard
+
+
+class GenerativeAlgorithm(ERM):
+    """ERM on data that a diffusion stage made; subclasses implement ``generate``."""
+
+    NEEDS = "a diffusion backbone: pixel_ddpm (trained here on the training domains, offline) or sd:<checkpoint>"
+    GENERATIVE = True
+    ORACLE = False  # may condition on held-out domains (oracle rows only, e.g. CDGA*)
+    SMOKE_HPARAMS = {"ddpm_steps": 2, "sample_steps": 2}
+
+    @classmethod
+    def hparam_space(cls, space, dataset):
+        super().hparam_space(space, dataset)
+        space.add("diffusion_backbone", "pixel_ddpm")  # pixel_ddpm | sd:<folder or hub id> | sd:tiny
+        space.add("ddpm_steps", DEFAULT_STEPS)  # training steps of the shared pixel DDPM (cached per training domains)
+        space.add("sample_steps", 10)  # DDIM steps of a full trajectory (img2img runs strength x this)
+
+    # --- shared parts -----------------------------------------------------------------------------
+    def backbone(self, context, oracle: bool | None = None) -> Backbone:
+        """The run's diffusion backbone (trained on the training domains' in-splits once, then cached)."""
+        oracle = self.ORACLE if oracle is None else oracle
+        cached = getattr(self, "_backbones", {})
+        if oracle not in cached:
+            hp, args = self.hparams, context.args
+            cached[oracle] = build_backbone(
+                hp["diffusion_backbone"], dataset=context.dataset, train_envs=context.train_envs,
+                test_envs=context.test_envs, store=context.models, device=context.device,
+                trial_seed=args.trial_seed, holdout_fraction=args.holdout_fraction, costs=context.costs,
+                ddpm_steps=hp["ddpm_steps"], oracle=oracle, made_by=context.made_by)
+            self._backbones = cached
+        return cached[oracle]
+
+    def sampler(self, backbone: Backbone, guidance: Sequence[GuidanceTerm] | None = None, **config) -> DDIMSampler:
+        """A DDIM sampler with the run's settings; ``config`` overrides SamplerConfig fields. The batch size is
+        a speed setting of the run (``--gen_batch_size``), not a hyperparameter: it never changes results."""
+        context = getattr(self, "_context", None)
+        batch = getattr(getattr(context, "args", None), "gen_batch_size", None)
+        cuda = context is not None and torch.device(context.device).type == "cuda"
+        settings = {"steps": self.hparams["sample_steps"], "batch_size": batch or (512 if cuda else 128), **config}
+        return DDIMSampler(backbone, SamplerConfig(**settings), guidance=list(guidance or ()))
+
+    def source_image(self, context, x, backbone: Backbone) -> torch.Tensor:
+        """A raw dataset item as a [C, H, W] image in [0, 1] at the backbone's resolution."""
+        return resize(context.dataset.item_to_unit(x).unsqueeze(0), backbone.resolution).squeeze(0)
+
+    # --- hooks --------------------------------------------------------------------------------------
+    def guidance_terms(self, context, backbone: Backbone) -> list[GuidanceTerm]:
+        """Guidance added to every generation of this method (oracle guidance variants add theirs)."""
+        return []
+
+    def after_generation(self, context, images: torch.Tensor, labels: torch.Tensor, env: int,
+                         round_name: str = "base") -> None:
+        """Called with each batch of generated images (uint8 [N, C, H, W]) made for training domain ``env``.
+        Keeps a few for the run's previews; validity-measuring variants judge them here."""
+        if len(images):
+            name = f"{round_name}-{context.dataset.domains[env]}"
+            previews = getattr(context, "previews", None)
+            if previews is not None and name not in previews:
+                previews[name] = images[:PREVIEW_IMAGES].cpu()
+
+    # --- the generation stage -----------------------------------------------------------------------
+    def prepare(self, context: Any):
+        self._context = context
+        devices = [context.device] if torch.device(context.device).type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self.generate(context)
+
+    def generate(self, context: Any):
+        raise NotImplementedError(f"{type(self).__name__} must implement generate(context)")
+
+    @staticmethod
+    def to_uint8(images: torch.Tensor) -> torch.Tensor:
+        return images if images.dtype == torch.uint8 else quantize(images)

@@ -1,0 +1,168 @@
+"""One cached-model store for every helper model a method trains before or during a run: the pixel DDPM,
+oracle and domain classifiers, guidance networks, DiTi encoders.
+
+    entry = context.models.get_or_train("oracle_classifier", dataset=ds, train_envs=[0, 2], trial_seed=0,
+                                        holdout_fraction=0.2, config={...}, build=make_net, train=fit,
+                                        costs=context.costs, made_by=context.made_by, guard=guard)
+    entry.module      # trained, in eval mode, on ``device``
+
+A model is keyed by (kind, dataset with its domains and sizes, training domains, domains it saw, split seed,
+holdout fraction, config). The first caller trains it under a file lock (parallel runs wait instead of
+training twice) and saves it atomically: a safetensors state_dict and a JSON meta (who made it, its cost,
+the domains it saw), so loading never unpickles anything. Training does not touch the caller's random
+streams. A model made by someone else is charged as ``<cost>`` and ``reused_<cost>``: tables can show what
+a result needed and what the run paid. The leakage guard reads the domains a model saw before it is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from domainfusion_bench.errors import DfbenchError
+
+FORMAT = 1
+META = "meta.json"
+WEIGHTS = "weights.safetensors"
+
+
+@dataclass
+class StoredModel:
+    module: Any  # an nn.Module (or whatever ``load`` returns, e.g. a diffusion Backbone)
+    key: str
+    path: Path
+    meta: dict[str, Any]
+    reused: bool  # made by another caller than ``made_by``
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.meta.get("info", {})
+
+    @property
+    def train_seconds(self) -> float:
+        return float(self.meta.get("train_seconds", 0.0))
+
+
+def save_state(module: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(path / WEIGHTS))
+
+
+def load_state(module: torch.nn.Module, path: Path) -> torch.nn.Module:
+    from safetensors.torch import load_file
+
+    module.load_state_dict(load_file(str(path / WEIGHTS)))
+    return module
+
+
+class ModelStore:
+    def __init__(self, root: str | Path, heartbeat: Callable[[], None] | None = None):
+        self.root = Path(root)
+        self.heartbeat = heartbeat or (lambda: None)
+
+    def identity(self, kind: str, *, dataset, train_envs: Sequence[int], trial_seed: int, holdout_fraction: float,
+                 config: dict[str, Any], seen_envs: Sequence[int] | None = None,
+                 few_shot: dict[int, int] | None = None) -> dict[str, Any]:
+        train_envs = sorted(int(e) for e in train_envs)
+        return {"format": FORMAT, "kind": kind, "dataset": dataset.name, "domains": list(dataset.domains),
+                "sizes": dataset.sizes(), "train_envs": train_envs,
+                "seen_envs": sorted(int(e) for e in (train_envs if seen_envs is None else seen_envs)),
+                "few_shot": {str(k): int(v) for k, v in sorted((few_shot or {}).items())},
+                "trial_seed": int(trial_seed), "holdout_fraction": float(holdout_fraction), "config": config}
+
+    @staticmethod
+    def key_of(identity: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+    def path_of(self, kind: str, key: str) -> Path:
+        return self.root / kind / key[:24]
+
+    def get_or_train(self, kind: str, *, dataset, train_envs: Sequence[int], trial_seed: int,
+                     holdout_fraction: float, config: dict[str, Any], build: Callable[[], Any],
+                     train: Callable[[Any], dict[str, Any] | None], seen_envs: Sequence[int] | None = None,
+                     few_shot: dict[int, int] | None = None, guard=None, costs=None, made_by: str | None = None,
+                     device: str | torch.device = "cpu", cost_name: str | None = None,
+                     save: Callable[[Any, Path], None] | None = None,
+                     load: Callable[[Path, Any], Any] | None = None) -> StoredModel:
+        """The cached model for this identity, training it first (``train(build())``) if there is none.
+
+        ``seen_envs``: domains whose data trains it (default ``train_envs``); ``few_shot``: {held-out domain:
+        number of unlabelled images} for the labelled few-shot-target track only. ``save``/``load`` replace
+        the safetensors default (e.g. a diffusers folder); ``load(path, device)`` returns the module.
+        """
+        from filelock import FileLock
+
+        ident = self.identity(kind, dataset=dataset, train_envs=train_envs, trial_seed=trial_seed,
+                              holdout_fraction=holdout_fraction, config=config, seen_envs=seen_envs, few_shot=few_shot)
+        if guard is not None:
+            guard.check_seen(ident["seen_envs"], f"a {kind} trained on them")
+            self._check_few_shot(guard, ident["few_shot"], kind)
+        key = self.key_of(ident)
+        path = self.path_of(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        device = torch.device(device)
+        save = save or save_state
+        rng_devices = [device] if device.type == "cuda" else []
+        trained_now = False
+        with FileLock(str(path.parent / f"{path.name}.lock")):
+            if not (path / META).exists():
+                trained_now = True
+                self.heartbeat()
+                with torch.random.fork_rng(devices=rng_devices):  # the caller's streams stay untouched
+                    module = build()
+                    if isinstance(module, torch.nn.Module):
+                        module.to(device)
+                    start = time.perf_counter()
+                    info = train(module) or {}
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    seconds = time.perf_counter() - start
+                meta = {"key": key, "identity": ident, "made_by": made_by, "host": socket.gethostname(),
+                        "created": time.time(), "train_seconds": seconds, "device": str(device), "info": info}
+                tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                save(module, tmp)
+                (tmp / META).write_text(json.dumps(meta, indent=1, default=str))
+                shutil.rmtree(path, ignore_errors=True)  # a folder without meta is an interrupted save
+                os.replace(tmp, path)
+                self.heartbeat()
+            meta = json.loads((path / META).read_text())
+        if meta.get("key") != key:
+            raise DfbenchError(f"cached {kind} at {path} has key {str(meta.get('key'))[:12]}, expected {key[:12]}: "
+                               "delete that folder and run again")
+        if guard is not None:  # what the saved model says it saw, not only what we asked for
+            guard.check_seen(meta["identity"]["seen_envs"], f"the cached {kind} {key[:12]}")
+        with torch.random.fork_rng(devices=rng_devices):  # building a module to load into draws random numbers
+            module = load(path, device) if load is not None else load_state(build(), path)
+        if isinstance(module, torch.nn.Module):
+            module.to(device).eval()
+            module.requires_grad_(False)
+        reused = not trained_now and (made_by is None or meta.get("made_by") != made_by)
+        if costs is not None:
+            name = cost_name or f"{kind}_train_seconds"
+            costs.add(name, meta["train_seconds"])
+            if reused:
+                costs.add(f"reused_{name}", meta["train_seconds"])
+        return StoredModel(module, key, path, meta, reused)
+
+    @staticmethod
+    def _check_few_shot(guard, few_shot: dict[str, int], kind: str) -> None:
+        if not few_shot:
+            return
+        total = sum(few_shot.values())
+        check = getattr(guard, "check_target_images", None)
+        if check is None:
+            raise DfbenchError(f"a {kind} that uses held-out images needs the labelled few-shot-target mode")
+        check(total, labelled=False)

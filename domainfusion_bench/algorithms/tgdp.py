@@ -30,18 +30,16 @@ guidance evaluations, generation seconds, helper-model training seconds.
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from domainfusion_bench.algorithms.base import register_algorithm
-from domainfusion_bench.algorithms.cdga import mixed_split
-from domainfusion_bench.algorithms.erm import ERM
-from domainfusion_bench.diffusion import DDIMSampler, GenerationCache, LeakageGuard, Request, SamplerConfig, build_backbone
-from domainfusion_bench.diffusion.backbones import parameters_digest
+from domainfusion_bench.algorithms.generative import GenerativeAlgorithm
+from domainfusion_bench.data.pools import mixed_split, synthetic_share
+from domainfusion_bench.diffusion import LeakageGuard, Request
+from domainfusion_bench.diffusion.backbones import parameters_digest, resize
 from domainfusion_bench.diffusion.density_ratio import (
     DensityRatioConfig,
     DensityRatioGuidance,
@@ -51,27 +49,22 @@ from domainfusion_bench.diffusion.density_ratio import (
     train_domain_classifier,
     train_guidance_net,
 )
-from domainfusion_bench.diffusion.factory import GENERATIONS_SUBDIR, MODELS_SUBDIR
-from domainfusion_bench.diffusion.trainer import DEFAULT_STEPS, InSplitImages, to_image_tensor
+from domainfusion_bench.diffusion.trainer import InSplitImages
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.protocol import seed_hash, split_indices
 
 
 @register_algorithm("TGDP")
-class TGDP(ERM):
+class TGDP(GenerativeAlgorithm):
     """Density-ratio-guided samples of the pooled training domains toward each training domain, then ERM."""
 
-    NEEDS = "the shared pixel DDPM (trained here on the training domains, offline)"
-    GENERATIVE = True
     FEW_SHOT = False  # TGDP-FS: k unlabelled held-out images as the target (domain adaptation, not DG)
+    SMOKE_HPARAMS = {**GenerativeAlgorithm.SMOKE_HPARAMS, "tgdp_per_class": 1, "tgdp_classifier_steps": 2,
+                     "tgdp_h_steps": 2, "tgdp_width": 8, "tgdp_helper_batch_size": 8, "tgdp_probe": 1}
 
     @classmethod
     def hparam_space(cls, space, dataset):
         super().hparam_space(space, dataset)
-        space.add("tgdp_backbone", "pixel_ddpm")
-        space.add("tgdp_ddpm_steps", DEFAULT_STEPS)  # the shared DDPM's training steps (cached, shared with CDGA)
-        space.add("tgdp_sample_steps", 10)  # DDIM steps of a trajectory
-        space.add("tgdp_gen_batch_size", 128)
         space.add("tgdp_per_class", 10)  # guided samples per class and target
         space.add("tgdp_mixes", 0, lambda r: int(r.choice([0, 1, 2])))  # random Dirichlet(1) mixes of domains as extra targets
         space.add("tgdp_weight", 1.0, lambda r: float(r.choice([0.5, 1.0, 2.0])))  # w; 1 = the paper's scale
@@ -106,7 +99,7 @@ class TGDP(ERM):
     def few_shot_target(self, context, resolution: int) -> torch.Tensor:
         """k unlabelled in-split images of the held-out domain (TGDP-FS only): [k, C, R, R] in [0, 1]."""
         if not self.FEW_SHOT:
-            raise DfbenchError("leakage guard: TGDP (DG) may not read held-out images; use TGDP-FS for a few-shot target")
+            raise DfbenchError("leakage guard: TGDP (DG) may not read held-out images; TGDP-FS is the few-shot-target track")
         k = int(self.hparams["tgdp_target_shots"])
         if len(context.test_envs) != 1 or k < 1:
             raise DfbenchError(f"TGDP-FS needs exactly one held-out domain and tgdp_target_shots >= 1 "
@@ -117,12 +110,12 @@ class TGDP(ERM):
         if k > len(in_idx):
             raise DfbenchError(f"tgdp_target_shots = {k} but {ds.domains[env]}'s in-split has {len(in_idx)} images")
         picked = in_idx[:k]  # the split's own seeded shuffle: a fixed, trial-dependent choice
-        channels = int(ds.input_shape[0])
         env_data = ds.envs[env]
         if hasattr(env_data, "tensors"):
-            x = env_data.tensors[0][torch.as_tensor(picked)]  # images only: the labels are never read
-            return torch.stack([to_image_tensor(xi, channels, resolution) for xi in x])
-        return torch.stack([to_image_tensor(env_data[i][0], channels, resolution) for i in picked])
+            raw = list(env_data.tensors[0][torch.as_tensor(picked)])  # images only: labels are never read
+        else:
+            raw = [env_data[i][0] for i in picked]  # the item's label is dropped unread
+        return torch.stack([resize(ds.item_to_unit(x).unsqueeze(0), resolution).squeeze(0) for x in raw])
 
     def targets(self, context, pool, resolution: int):
         """[(name, images [n, C, R, R] in [0, 1], labels or None, the training domain its samples augment)]."""
@@ -133,136 +126,131 @@ class TGDP(ERM):
         x, y, d = pool
         return [(context.dataset.domains[j], x[d == j], y[d == j], j) for j in context.train_envs]
 
+    # --- helper models (cached in the run's model store) ------------------------------------------------
+    def helper(self, context, kind: str, config: dict, build, train):
+        few_shot = {int(context.test_envs[0]): int(self.hparams["tgdp_target_shots"])} if self.FEW_SHOT else None
+        guard = self.guard(context)
+        if few_shot and getattr(guard, "check_target_images", None) is None:
+            guard = None  # checked in few_shot_target; the layer's few-shot guard is not there yet
+        return context.models.get_or_train(
+            kind, dataset=context.dataset, train_envs=context.train_envs, trial_seed=context.args.trial_seed,
+            holdout_fraction=context.args.holdout_fraction, config=config, build=build, train=train,
+            few_shot=few_shot, guard=guard, costs=context.costs, made_by=context.made_by, device=context.device)
+
     # --- generation ------------------------------------------------------------------------------------
-    def prepare(self, context: Any):
-        devices = [context.device] if torch.device(context.device).type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            return self._generate(context)
-
-    def _metric(self, context, name: str, value: float) -> None:
-        self.metrics_[name] = float(value)
-        meter = getattr(context, "metrics", None)
-        if meter is not None:
-            meter.set(name, float(value))
-
-    def _generate(self, context: Any):
+    def generate(self, context: Any):
         hp, ds, args = self.hparams, context.dataset, context.args
-        self.metrics_: dict[str, float] = {}
-        made_by = str(Path(args.output_dir).resolve())
         if hp["tgdp_per_class"] < 0 or hp["tgdp_mixes"] < 0 or not 0 <= hp["tgdp_synthetic_fraction"] <= 1:
             raise DfbenchError("TGDP needs tgdp_per_class >= 0, tgdp_mixes >= 0 and 0 <= tgdp_synthetic_fraction <= 1")
-        backbone = build_backbone(
-            hp["tgdp_backbone"], dataset=ds, train_envs=context.train_envs, test_envs=context.test_envs,
-            cache_dir=context.cache_dir / MODELS_SUBDIR, device=context.device, trial_seed=args.trial_seed,
-            holdout_fraction=args.holdout_fraction, costs=context.costs, ddpm_steps=hp["tgdp_ddpm_steps"],
-            made_by=made_by,
-        )
-        device = backbone.device
-        res = backbone.resolution
+        backbone = self.backbone(context)
+        device, res = backbone.device, backbone.resolution
         pool = self.source_pool(context, res)
         targets = self.targets(context, pool, res)
-        encode = lambda x: torch.cat([backbone.encode(x[i:i + 256].to(device)).cpu() for i in range(0, len(x), 256)])
+
+        def encode(x):
+            with torch.no_grad():
+                return torch.cat([backbone.encode(x[i:i + 256].float().to(device)).cpu() for i in range(0, len(x), 256)])
+
         z_pool = encode(pool[0])
         z_targets = [encode(x) for _, x, _, _ in targets]
-        shape = tuple(z_pool.shape[1:])
-        K = len(targets)
+        shape, K = tuple(z_pool.shape[1:]), len(targets)
         config = DensityRatioConfig(
             width=hp["tgdp_width"], batch_size=hp["tgdp_helper_batch_size"], classifier_steps=hp["tgdp_classifier_steps"],
             h_steps=hp["tgdp_h_steps"], consistency_weight=hp["tgdp_consistency"], cycle_weight=hp["tgdp_cycle"],
             time_classifier_steps=hp["tgdp_classifier_steps"], max_log_ratio=hp["tgdp_max_log_ratio"],
-            seed=seed_hash("TGDP", args.trial_seed),
-        )
-        heartbeat = getattr(context, "heartbeat", None)
+            seed=seed_hash("TGDP", args.trial_seed))
+        ident = {"density_ratio": config.to_json(), "backbone": backbone.key, "targets": [t[0] for t in targets],
+                 "few_shot": self.FEW_SHOT}
 
-        # (1) domain classifier(s) c(z_0): head k = target k vs the pool
-        classifier = DomainClassifier(shape, K, width=config.width, max_log_ratio=config.max_log_ratio)
-        start = time.perf_counter()
-        c_info = train_domain_classifier(classifier, z_pool, z_targets, config=config, device=device, heartbeat=heartbeat)
-        context.costs.add("tgdp_domain_classifier_train_seconds", time.perf_counter() - start)
+        # (1) the domain classifier c(z_0): head k = target k vs the pool
+        c_entry = self.helper(
+            context, "tgdp_domain_classifier", ident,
+            build=lambda: DomainClassifier(shape, K, width=config.width, max_log_ratio=config.max_log_ratio),
+            train=lambda m: train_domain_classifier(m, z_pool, z_targets, config=config, device=device,
+                                                    heartbeat=context.heartbeat))
+        classifier = c_entry.module
         r_pool = ratios(classifier, z_pool, device)
-        self._metric(context, "tgdp_classifier_acc", float(np.mean(c_info["accuracy"])))
-        self._metric(context, "tgdp_ratio_min", r_pool.min().item())
-        self._metric(context, "tgdp_ratio_median", r_pool.median().item())
-        self._metric(context, "tgdp_ratio_max", r_pool.max().item())
+        metrics = {"tgdp_classifier_acc": float(np.mean(c_entry.info["accuracy"])),
+                   "tgdp_ratio_min": r_pool.min().item(), "tgdp_ratio_median": r_pool.median().item(),
+                   "tgdp_ratio_max": r_pool.max().item()}
 
-        # (2) optional time-conditioned classifier for the cycle term, (3) h_psi
-        time_classifier = None
+        # (2) the time-conditioned classifier c'(z_t, t) of the cycle term (optional)
         abar = backbone.alphas_cumprod.detach().cpu()
+        time_classifier = None
         if config.cycle_weight > 0:
-            time_classifier = DomainClassifier(shape, K, time=True, width=config.width, max_log_ratio=config.max_log_ratio)
-            start = time.perf_counter()
-            train_domain_classifier(time_classifier, z_pool, z_targets, config=config, abar=abar, device=device,
-                                    heartbeat=heartbeat)
-            context.costs.add("tgdp_time_classifier_train_seconds", time.perf_counter() - start)
+            time_classifier = self.helper(
+                context, "tgdp_time_classifier", ident,
+                build=lambda: DomainClassifier(shape, K, time=True, width=config.width, max_log_ratio=config.max_log_ratio),
+                train=lambda m: train_domain_classifier(m, z_pool, z_targets, config=config, abar=abar, device=device,
+                                                        heartbeat=context.heartbeat)).module
 
-        def eps_model(z_t, t, y):  # the pooled-source model: null domain, the class when known
+        def eps_model(z_t, t, y):  # the pooled-source model: null domain, the class where known
             cond = backbone.condition(class_ids=y.cpu() if y is not None else None, batch=len(z_t))
             return backbone.eps(z_t, t, cond)
 
-        h = GuidanceNet(shape, K, num_classes=len(ds.classes), width=config.width)
-        start = time.perf_counter()
-        h_info = train_guidance_net(h, z_pool, r_pool, abar, source_labels=pool[1], config=config,
-                                    targets=z_targets, target_labels=[y for _, _, y, _ in targets],
-                                    eps_model=eps_model, time_classifier=time_classifier, device=device,
-                                    heartbeat=heartbeat)
-        context.costs.add("tgdp_guidance_net_train_seconds", time.perf_counter() - start)
-        self._metric(context, "tgdp_h_regression_loss", h_info["final_regression"])
+        # (3) h_psi regressed onto r(z_0) on the pooled source samples
+        h_entry = self.helper(
+            context, "tgdp_guidance_net", {**ident, "classifier": c_entry.key},
+            build=lambda: GuidanceNet(shape, K, num_classes=len(ds.classes), width=config.width),
+            train=lambda m: train_guidance_net(
+                m, z_pool, r_pool, abar, source_labels=pool[1], config=config, targets=z_targets,
+                target_labels=[y for _, _, y, _ in targets], eps_model=eps_model, time_classifier=time_classifier,
+                device=device, heartbeat=context.heartbeat))
+        h = h_entry.module
+        metrics["tgdp_h_regression_loss"] = float(h_entry.info.get("final_regression") or 0.0)
 
-        # (4) guided samples per class toward each target (and random mixes)
+        # (4) guided samples per class toward each target (and toward random mixes of the training domains)
         plan = [(f"toward {name}", k, None, augments) for k, (name, _, _, augments) in enumerate(targets)]
         rng = np.random.RandomState(seed_hash("TGDP-mixes", args.trial_seed))
         if not self.FEW_SHOT and K > 1:
             for m in range(hp["tgdp_mixes"]):
                 a = rng.dirichlet(np.ones(K))
-                plan.append((f"mix {m}", None, a.tolist(), targets[int(a.argmax())][3]))
-        sampler_config = SamplerConfig(steps=hp["tgdp_sample_steps"], batch_size=hp["tgdp_gen_batch_size"])
-        cache = GenerationCache(context.cache_dir / GENERATIONS_SUBDIR)
+                plan.append((f"mix {m}", None, [round(float(v), 6) for v in a], targets[int(a.argmax())][3]))
         h_key = parameters_digest(h)[:24]
+        n_classes, per_class = len(ds.classes), hp["tgdp_per_class"]
         generated: dict[int | None, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        probe_before, probe_after = [], []
-        n_classes = len(ds.classes)
+        before_p, after_p = [], []
         for label, head, mix, augments in plan:
             term = DensityRatioGuidance(h, hp["tgdp_weight"], head=head or 0, mix=mix, use_class=True,
                                         cache_key=f"tgdp-h:{h_key}:head={head}:mix={mix}")
-            sampler = DDIMSampler(backbone, sampler_config, guidance=[term])
             requests = [Request(class_id=c, domains={}, seed=seed_hash("TGDP", args.trial_seed, label, c, i))
-                        for c in range(n_classes) for i in range(hp["tgdp_per_class"])]
-            images, stats = cache.sample(sampler, requests, made_by=made_by, desc=f"TGDP {label}")
+                        for c in range(n_classes) for i in range(per_class)]
+            images, stats = context.generations.sample(self.sampler(backbone, [term]), requests,
+                                                       made_by=context.made_by, desc=f"TGDP {label}")
             stats.charge(context.costs)
             context.costs.add("guidance_evals", term.evals)
             labels = torch.tensor([r.class_id for r in requests], dtype=torch.long)
             generated.setdefault(augments, []).append((images, labels))
-            # the move: the classifier's target probability on the same seeds without and with guidance
-            idx = [c * hp["tgdp_per_class"] + i for c in range(n_classes) for i in range(min(hp["tgdp_probe"], hp["tgdp_per_class"]))]
+            # how far guidance moved them: the classifier's target probability, same seeds without guidance
+            idx = [c * per_class + i for c in range(n_classes) for i in range(min(hp["tgdp_probe"], per_class))]
             if idx and head is not None:
-                before, s_before = cache.sample(DDIMSampler(backbone, sampler_config), [requests[i] for i in idx],
-                                                made_by=made_by, desc=f"TGDP probe {label}", progress=False)
-                s_before.charge(context.costs)
+                before, b_stats = context.generations.sample(self.sampler(backbone), [requests[i] for i in idx],
+                                                             made_by=context.made_by, progress=False)
+                b_stats.charge(context.costs)
                 with torch.no_grad():
-                    for imgs, out in ((before, probe_before), (images[idx], probe_after)):
-                        logit = classifier(encode(imgs).to(device))[:, head]
-                        out.append(torch.sigmoid(logit).cpu())
-        if probe_before:
-            self._metric(context, "tgdp_target_prob_before", torch.cat(probe_before).mean().item())
-            self._metric(context, "tgdp_target_prob_after", torch.cat(probe_after).mean().item())
+                    for imgs, out in ((before, before_p), (images[idx], after_p)):
+                        out.append(torch.sigmoid(classifier(encode(imgs).to(device))[:, head]).cpu())
+        if before_p:
+            metrics["tgdp_target_prob_before"] = torch.cat(before_p).mean().item()
+            metrics["tgdp_target_prob_after"] = torch.cat(after_p).mean().item()
+        for name, value in metrics.items():
+            context.metrics.set(name, value)
 
         # (5) the guided samples join the training splits
         splits, summary = [], []
         shared = generated.get(None, [])  # few-shot target: spread evenly over the training domains
+        n_train = len(context.train_envs)
         for n, (split, env) in enumerate(zip(context.train_splits, context.train_envs)):
-            parts = generated.get(env, [])
-            for images, labels in shared:
-                parts = parts + [(images[n::len(context.train_envs)], labels[n::len(context.train_envs)])]
-            if parts:
-                images = torch.cat([p[0] for p in parts])
-                labels = torch.cat([p[1] for p in parts])
-            else:
-                images, labels = torch.zeros(0, *pool[0].shape[1:]), torch.zeros(0, dtype=torch.long)
-            splits.append(mixed_split(split, images, labels, hp["tgdp_synthetic_fraction"], ds.input_shape))
-            summary.append(f"{ds.domains[env]}: {len(split)} real + {len(images)} guided")
+            parts = generated.get(env, []) + [(x[n::n_train], y[n::n_train]) for x, y in shared]
+            images = self.to_uint8(torch.cat([p[0] for p in parts])) if parts else torch.zeros(0, *pool[0].shape[1:], dtype=torch.uint8)
+            labels = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.long)
+            self.after_generation(context, images, labels, env)
+            mixed = mixed_split(split, images, labels, hp["tgdp_synthetic_fraction"])
+            splits.append(mixed)
+            summary.append(f"{ds.domains[env]}: {len(split)} real + {len(images)} guided ({synthetic_share(mixed):.0%} drawn)")
         print(f"{type(self).registered_name}: backbone {backbone.kind} {backbone.key[:12]}; classifier acc "
-              f"{self.metrics_['tgdp_classifier_acc']:.3f}; ratio [{self.metrics_['tgdp_ratio_min']:.3g}, "
-              f"{self.metrics_['tgdp_ratio_max']:.3g}]; " + "; ".join(summary))
+              f"{metrics['tgdp_classifier_acc']:.3f}; ratio [{metrics['tgdp_ratio_min']:.3g}, {metrics['tgdp_ratio_max']:.3g}]; "
+              + "; ".join(summary))
         return splits
 
 

@@ -196,3 +196,125 @@ def test_regularised_training_runs_and_reports_each_term():
                               targets=[target], eps_model=lambda z, t, y: 0.1 * z, time_classifier=c_time)
     assert info["final_consistency"] is not None and info["final_cycle"] is not None
     assert any((a - b).abs().sum() > 0 for a, b in zip(before, h.parameters()))
+
+
+# ------------------------------------------------------------------------------------------------
+# TGDP and TGDP-FS on DigitStyles: leakage and records
+# ------------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+from domainfusion_bench import runfiles  # noqa: E402
+from domainfusion_bench.algorithms.tgdp import TGDP  # noqa: E402
+from domainfusion_bench.errors import DfbenchError  # noqa: E402
+from domainfusion_bench.protocol import split_indices  # noqa: E402
+from domainfusion_bench.training import TrainArgs, train  # noqa: E402
+
+TINY = {"batch_size": 16, "cnn_width": 16, "ddpm_steps": 3, "sample_steps": 2, "tgdp_per_class": 1, "tgdp_mixes": 1,
+        "tgdp_classifier_steps": 5, "tgdp_h_steps": 5, "tgdp_width": 8, "tgdp_helper_batch_size": 16, "tgdp_probe": 1}
+HELD_OUT = 0
+
+
+class Unreadable(Exception):
+    pass
+
+
+class HeldOutSpy:
+    """Stands in for the held-out domain during generation: counts every item read; a DG run may read none,
+    and nobody may look at a label (it raises when used)."""
+
+    class Label:
+        def _refuse(self, *a):
+            raise Unreadable("a held-out label was used")
+
+        __int__ = __index__ = __eq__ = __hash__ = __lt__ = _refuse
+
+    def __init__(self, real, allow_items: bool):
+        self.real, self.allow_items, self.read = real, allow_items, []
+
+    def __len__(self):
+        return len(self.real)
+
+    def __getitem__(self, i):
+        if not self.allow_items:
+            raise Unreadable(f"held-out image {i} was read")
+        self.read.append(int(i))
+        return self.real[i][0], self.Label()
+
+
+@pytest.fixture(scope="module")
+def tgdp_runs(tmp_path_factory):
+    """TGDP and TGDP-FS runs whose generation stage sees the held-out domain only through the spy."""
+    root = tmp_path_factory.mktemp("tgdp")
+    spies = {}
+    generate = TGDP.generate
+
+    def spied(self, context):
+        ds = context.dataset
+        real = ds.envs[HELD_OUT]
+        spies[type(self).registered_name] = ds.envs[HELD_OUT] = HeldOutSpy(real, allow_items=self.FEW_SHOT)
+        try:
+            return generate(self, context)
+        finally:
+            ds.envs[HELD_OUT] = real
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(TGDP, "generate", spied)
+    out = {}
+    try:
+        for name in ("TGDP", "TGDP-FS"):
+            run = root / name
+            train(TrainArgs(algorithm=name, dataset="DigitStyles", test_envs=[HELD_OUT], steps=3, checkpoint_freq=2,
+                            data_dir=str(root / "data"), output_dir=str(run), hparams=json.dumps(TINY), num_workers=0,
+                            device="cpu", skip_model_save=True))
+            out[name] = [json.loads(line) for line in (run / runfiles.RESULTS).read_text().splitlines()]
+    finally:
+        mp.undo()
+    return out, spies, root
+
+
+def test_tgdp_run_records_guidance_statistics_and_costs(tgdp_runs):
+    records, _, _ = tgdp_runs
+    last = records["TGDP"][-1]
+    for name in ("classifier_acc", "ratio_min", "ratio_median", "ratio_max", "target_prob_before", "target_prob_after"):
+        assert f"metric_tgdp_{name}" in last, name
+    assert 0 <= last["metric_tgdp_classifier_acc"] <= 1 and 0 <= last["metric_tgdp_target_prob_after"] <= 1
+    assert last["metric_tgdp_ratio_min"] <= last["metric_tgdp_ratio_median"] <= last["metric_tgdp_ratio_max"]
+    # 3 training domains + 1 mix, 10 classes x 1 sample each, + 1 unguided probe per class and domain
+    assert last["cost_generated_images"] == 4 * 10 + 3 * 10
+    assert last["cost_guidance_evals"] == 4 * 10 * 2  # one h evaluation per guided image and DDIM step
+    assert last["cost_nfe"] == 2 * last["cost_generated_images"]
+    for helper in ("tgdp_domain_classifier", "tgdp_guidance_net", "diffusion"):
+        assert any(k.startswith(f"cost_{helper}") and k.endswith("train_seconds") for k in last), helper
+    assert last["cost_generation_seconds"] > 0
+
+
+def test_tgdp_dg_reads_no_held_out_image_and_few_shot_reads_exactly_k_unlabelled(tgdp_runs):
+    records, spies, _ = tgdp_runs
+    assert spies["TGDP"].read == []  # any read would have raised inside the run
+    k = records["TGDP-FS"][-1]["hparams"]["tgdp_target_shots"]
+    assert k == 10
+    fs = spies["TGDP-FS"]
+    _, in_split = split_indices(len(fs.real), 0, HELD_OUT, 0.2)
+    assert len(fs.read) == k and len(set(fs.read)) == k and set(fs.read) <= set(in_split)
+    assert records["TGDP-FS"][-1]["metric_tgdp_target_prob_after"] >= 0
+
+
+def test_tgdp_dg_refuses_the_few_shot_path_and_a_held_out_source(tgdp_runs):
+    from types import SimpleNamespace
+
+    from domainfusion_bench.data import get_dataset
+
+    _, _, root = tgdp_runs
+    ds = get_dataset("DigitStyles", str(root / "data"))
+    args = SimpleNamespace(trial_seed=0, holdout_fraction=0.2)
+    algorithm = TGDP((3, 32, 32), 10, 4, {**TINY, "tgdp_target_shots": 10, "resnet_dropout": 0.0, "nonlinear_classifier": False,
+                                         "backbone": "auto", "pretrained": "imagenet", "freeze_bn": True})
+    context = SimpleNamespace(dataset=ds, test_envs=[HELD_OUT], train_envs=[1, 2, 3], args=args)
+    with pytest.raises(DfbenchError, match="may not read held-out"):
+        algorithm.few_shot_target(context, 32)
+    leaky = SimpleNamespace(dataset=ds, test_envs=[HELD_OUT], train_envs=[0, 1, 2], args=args)
+    with pytest.raises(DfbenchError, match="leakage guard"):
+        algorithm.source_pool(leaky, 32)

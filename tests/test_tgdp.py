@@ -110,25 +110,26 @@ def test_exact_ratio_guidance_lands_on_target_and_flipped_sign_does_not():
 def test_learned_tgdp_guidance_moves_source_samples_to_the_target_modes():
     """The whole method on 2-D: c from 100 target samples, h_psi regressed on 4000 source samples, guided DDIM.
 
-    Source modes +-(0.5, 0.5), target +-(0.5, -0.5), both std 0.3. Measured fraction within 0.5 of a
-    target mode (one CPU core, ~30 s): guided ~0.71, unguided 0.05, flipped sign 0.00 (the exact h* gives
-    ~0.8 here: the target's own mass within 0.5 of its modes is 0.75).
+    Source modes +-(0.5, 0.5) with std 0.35, target +-(0.5, -0.5) with std 0.2. Fraction of 400 samples
+    within 0.4 of a target mode, measured for data/training seeds 0, 1, 2: guided 0.69 / 0.85 / 0.78,
+    unguided 0.04, flipped sign 0.00 / 0.00 / 0.00; the exact h* gives 0.93 (the target's own mass there).
+    The gap to h* is the classifier (100 samples) and h's regression; this test runs seed 0.
     """
     torch.manual_seed(0)
-    backbone = MixtureBackbone(SOURCE_MODES, 0.3)
-    source, target = mixture(SOURCE_MODES, 0.3, 4000, 0), mixture(TARGET_MODES, 0.3, 100, 1)
-    config = DensityRatioConfig(classifier_steps=600, classifier_weight_decay=1e-2, h_steps=1000, batch_size=256)
+    backbone = MixtureBackbone(SOURCE_MODES, 0.35)
+    source, target = mixture(SOURCE_MODES, 0.35, 4000, 0), mixture(TARGET_MODES, 0.2, 100, 1)
+    config = DensityRatioConfig(classifier_steps=600, classifier_weight_decay=1e-2, h_steps=1000, batch_size=512, seed=0)
     classifier = DomainClassifier((2,), 1, width=config.width, max_log_ratio=config.max_log_ratio)
     info = train_domain_classifier(classifier, source, [target], config=config)
-    assert info["accuracy"][0] > 0.8
+    assert info["accuracy"][0] > 0.85
     h = GuidanceNet((2,), 1, width=config.width)
     train_guidance_net(h, source, ratios(classifier, source), backbone.alphas_cumprod, config=config)
-    guided = near(sample(backbone, [DensityRatioGuidance(h, 1.0)]), TARGET_MODES, 0.5)
-    unguided = near(sample(backbone, []), TARGET_MODES, 0.5)
-    flipped = near(sample(backbone, [DensityRatioGuidance(h, -1.0)]), TARGET_MODES, 0.5)
+    guided = near(sample(backbone, [DensityRatioGuidance(h, 1.0)]), TARGET_MODES, 0.4)
+    unguided = near(sample(backbone, []), TARGET_MODES, 0.4)
+    flipped = near(sample(backbone, [DensityRatioGuidance(h, -1.0)]), TARGET_MODES, 0.4)
     assert guided > 0.6, guided
-    assert unguided < 0.1, unguided
-    assert flipped < 0.05, flipped
+    assert unguided < 0.06, unguided
+    assert flipped < 0.02, flipped
 
 
 def test_h_regression_recovers_a_known_ratio():
@@ -145,7 +146,7 @@ def test_h_regression_recovers_a_known_ratio():
         low = h(x, torch.zeros(7, dtype=torch.long)).squeeze(1)
         high = h(torch.zeros(1, 1), torch.full((1,), 999)).item()
     true = (x.squeeze(1) - 0.5).exp()
-    assert ((low - true).abs() / true).max() < 0.25, (low, true)
+    assert ((low - true).abs() < 0.05 + 0.1 * true).all(), (low, true)  # measured: within 0.07 absolute
     assert abs(high - 1.0) < 0.3, high
 
 

@@ -82,7 +82,12 @@ class TGDP(GenerativeAlgorithm):
 
     # --- data: the only places that read images -----------------------------------------------------
     def guard(self, context) -> LeakageGuard:
-        return LeakageGuard(context.dataset.name, context.dataset.domains, context.test_envs)
+        """A fresh guard (its few-shot budget is per use): DG allows no held-out image, TGDP-FS k unlabelled ones."""
+        k = int(self.hparams["tgdp_target_shots"]) if self.FEW_SHOT else 0
+        try:
+            return LeakageGuard(context.dataset.name, context.dataset.domains, context.test_envs, few_shot_target=k)
+        except TypeError:  # a diffusion layer without the few-shot mode: few_shot_target() checks k itself
+            return LeakageGuard(context.dataset.name, context.dataset.domains, context.test_envs)
 
     def source_pool(self, context, resolution: int):
         """(x [N, C, R, R] in [0, 1], y, domain) of the training domains' in-splits."""
@@ -110,6 +115,9 @@ class TGDP(GenerativeAlgorithm):
         if k > len(in_idx):
             raise DfbenchError(f"tgdp_target_shots = {k} but {ds.domains[env]}'s in-split has {len(in_idx)} images")
         picked = in_idx[:k]  # the split's own seeded shuffle: a fixed, trial-dependent choice
+        check = getattr(self.guard(context), "check_target_images", None)
+        if check is not None:
+            check(len(picked), labelled=False)
         env_data = ds.envs[env]
         if hasattr(env_data, "tensors"):
             raw = list(env_data.tensors[0][torch.as_tensor(picked)])  # images only: labels are never read

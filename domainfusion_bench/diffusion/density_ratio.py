@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from domainfusion_bench.diffusion.conditions import Condition
 from domainfusion_bench.diffusion.samplers import GuidanceTerm
 from domainfusion_bench.errors import DfbenchError
 
@@ -256,10 +257,11 @@ def ratios(classifier: DomainClassifier, z0: torch.Tensor, device="cpu") -> torc
 
 def guided_eps_train(eps_model: Callable, h: GuidanceNet, z_t: torch.Tensor, t: torch.Tensor, abar: torch.Tensor,
                      y: torch.Tensor | None, head: int) -> torch.Tensor:
-    """eps_source - sqrt(1 - abar_t) * grad log h_head, differentiable w.r.t. h's parameters."""
-    z = z_t.detach().requires_grad_(True)
-    log_h = h.log_h(z, t, y)[:, head]
-    (grad,) = torch.autograd.grad(log_h.sum(), z, create_graph=True)
+    """eps_source - sqrt(1 - abar_t) * grad log h_head, differentiable w.r.t. h's parameters: the guidance
+    term's own grad_log with create_graph=True, combined as samplers.guided_eps does."""
+    term = DensityRatioGuidance(h, 1.0, head=head, use_class=y is not None)
+    cond = Condition(class_ids=y, domain_weights=torch.zeros(len(z_t), 0)) if y is not None else None
+    grad = term.grad_log(z_t.detach(), t, cond, create_graph=True)
     with torch.no_grad():
         eps = eps_model(z_t, t, y)
     a = abar[t].view(-1, *[1] * (z_t.dim() - 1))
@@ -320,7 +322,7 @@ def train_guidance_net(h: GuidanceNet, source: torch.Tensor, source_ratios: torc
                 eps_g = guided_eps_train(eps_model, h, zt_k.to(device), tk.to(device), abar_dev, yk, k)
                 cons = cons + F.mse_loss(eps_g, noise.to(device))
             cons = cons / K
-            terms["consistency"].append(float(cons))
+            terms["consistency"].append(cons.item())
             loss = loss + config.consistency_weight * cons
         if use_cycle:
             pool = torch.cat([source[_draw(len(source), b, g)].float()]

@@ -3,9 +3,14 @@ sampler, the h regression, the regularisers' gradients, leakage, and a TGDP run 
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from domainfusion_bench import runfiles
+from domainfusion_bench.algorithms.tgdp import TGDP
 from domainfusion_bench.diffusion.backbones import Backbone
 from domainfusion_bench.diffusion.density_ratio import (
     DensityRatioConfig,
@@ -18,6 +23,9 @@ from domainfusion_bench.diffusion.density_ratio import (
     train_guidance_net,
 )
 from domainfusion_bench.diffusion.samplers import DDIMSampler, SamplerConfig
+from domainfusion_bench.errors import DfbenchError
+from domainfusion_bench.protocol import split_indices
+from domainfusion_bench.training import TrainArgs, train
 
 SOURCE_MODES = torch.tensor([[0.5, 0.5], [-0.5, -0.5]])
 TARGET_MODES = torch.tensor([[0.5, -0.5], [-0.5, 0.5]])
@@ -107,6 +115,7 @@ def test_exact_ratio_guidance_lands_on_target_and_flipped_sign_does_not():
     assert flipped < 0.05, flipped
 
 
+@pytest.mark.slow  # ~40 s of one core: 1000 h steps at batch 512 are what make the figures stable across seeds
 def test_learned_tgdp_guidance_moves_source_samples_to_the_target_modes():
     """The whole method on 2-D: c from 100 target samples, h_psi regressed on 4000 source samples, guided DDIM.
 
@@ -203,15 +212,6 @@ def test_regularised_training_runs_and_reports_each_term():
 # TGDP and TGDP-FS on DigitStyles: leakage and records
 # ------------------------------------------------------------------------------------------------
 
-import json  # noqa: E402
-
-import pytest  # noqa: E402
-
-from domainfusion_bench import runfiles  # noqa: E402
-from domainfusion_bench.algorithms.tgdp import TGDP  # noqa: E402
-from domainfusion_bench.errors import DfbenchError  # noqa: E402
-from domainfusion_bench.protocol import split_indices  # noqa: E402
-from domainfusion_bench.training import TrainArgs, train  # noqa: E402
 
 TINY = {"batch_size": 16, "cnn_width": 16, "ddpm_steps": 3, "sample_steps": 2, "tgdp_per_class": 1, "tgdp_mixes": 1,
         "tgdp_classifier_steps": 5, "tgdp_h_steps": 5, "tgdp_width": 8, "tgdp_helper_batch_size": 16, "tgdp_probe": 1}

@@ -19,8 +19,12 @@ target, k = ``tgdp_target_shots`` UNLABELLED in-split images of the held-out dom
 class are guided toward it and spread over the training domains' splits.
 
 Our choices (the paper leaves them open for this use): the pool is the training domains' in-splits; the
-classifier and h are small CNNs on the DDPM's input space (32 px, [-1, 1]); samples start from noise
-(full DDIM trajectories); per-class counts ``tgdp_per_class``; guidance weight 1 (the paper's scale).
+classifier and h are small CNNs (``tgdp_width`` 32) on the DDPM's input space (32 px, [-1, 1]), cached in
+the model store; one classifier with a head per target and one h with an output per target (cheaper than
+K separate nets, same optima); samples start from noise (full DDIM trajectories, the shared
+``sample_steps``); ``tgdp_per_class`` 10 per class and target; guidance weight ``tgdp_weight`` 1 (the
+paper's scale); 30% of training draws synthetic; the regularisers off by default (budget); helper
+training 200 classifier + 300 h steps at batch 64.
 
 Recorded (``metric_`` fields): the domain classifier's balanced accuracy (mean over heads), the density
 ratio's min / median / max on the pooled source samples, and the classifier's target probability on a
@@ -226,7 +230,10 @@ class TGDP(GenerativeAlgorithm):
             images, stats = context.generations.sample(self.sampler(backbone, [term]), requests,
                                                        made_by=context.made_by, desc=f"TGDP {label}")
             stats.charge(context.costs)
-            context.costs.add("guidance_evals", term.evals)
+            if not hasattr(stats, "made_guidance_evals"):  # a cache that does not count them itself:
+                # one h evaluation per denoiser call (no CFG here), for made and reused images alike
+                context.costs.add("guidance_evals", stats.made_nfe + stats.reused_nfe)
+                context.costs.add("reused_guidance_evals", stats.reused_nfe)
             labels = torch.tensor([r.class_id for r in requests], dtype=torch.long)
             generated.setdefault(augments, []).append((images, labels))
             # how far guidance moved them: the classifier's target probability, same seeds without guidance

@@ -356,7 +356,6 @@ class DensityRatioGuidance(GuidanceTerm):
     ``h``: a GuidanceNet, or anything with ``outputs``, ``num_classes`` and ``log_h(z_t, t, y, mix=None)``
     (e.g. an exact ratio in a test).
     ``use_class``: h sees the condition's class ids (the conditional version); otherwise the y = -1 head.
-    Counts its evaluations in ``evals`` (one h forward + backward per image per step).
     """
 
     def __init__(self, h: GuidanceNet, weight: float = 1.0, *, head: int = 0, mix: Sequence[float] | None = None,
@@ -374,7 +373,6 @@ class DensityRatioGuidance(GuidanceTerm):
                 raise DfbenchError(f"guidance head {head} out of range: h has {K} heads")
             self.mix = None
         self.head = head
-        self.evals = 0
 
     def log_h(self, z_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         y = cond.class_ids.to(z_t.device) if (self.use_class and cond is not None) else None
@@ -385,7 +383,6 @@ class DensityRatioGuidance(GuidanceTerm):
         return self.h.log_h(z_t, t, y)[:, self.head]
 
     def grad_log(self, z_t: torch.Tensor, t: torch.Tensor, cond=None, create_graph: bool = False) -> torch.Tensor:
-        self.evals += len(z_t)
         with torch.enable_grad():
             z = z_t if (create_graph and z_t.requires_grad) else z_t.detach().float().requires_grad_(True)
             (grad,) = torch.autograd.grad(self.log_h(z, t, cond).sum(), z, create_graph=create_graph)

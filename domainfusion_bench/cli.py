@@ -35,6 +35,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--num_workers", type=int, default=None, help="data workers shared by all domains")
     p.add_argument("--eval_batch_size", type=int, default=None)
     p.add_argument("--plugins", nargs="*", default=[], help="Python files that register algorithms")
+    p.add_argument("--eval_augment", action="store_true",
+                   help="evaluate training domains' splits with the training transform (DomainBed's way)")
     p.set_defaults(func=_run_train)
 
 
@@ -80,6 +82,28 @@ def _run_download(ns) -> None:
         download(name, ns.data_dir, ns.mirror, keep_downloads=ns.keep_downloads)
 
 
+def _datasets_parser(sub) -> None:
+    p = sub.add_parser("datasets", help="look at a dataset: a PNG grid, one row per domain, one column per class")
+    dsub = p.add_subparsers(dest="datasets_command", required=True)
+    v = dsub.add_parser("preview", help="write a PNG grid of a dataset's domains (e.g. datasets/digitstyles.png)")
+    v.add_argument("dataset", help="registered name, or folder:<path>")
+    v.add_argument("--out", required=True, help="PNG file to write")
+    v.add_argument("--data_dir", default=None, help="root of the datasets (default: datasets, or $DFBENCH_DATA)")
+    v.add_argument("--columns", type=int, default=10, help="classes per row (default: %(default)s)")
+    v.add_argument("--size", type=int, default=32, help="pixels per image before --scale (default: %(default)s)")
+    v.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling (default: %(default)s)")
+    v.set_defaults(func=lambda ns: print(_preview(ns)))
+
+
+def _preview(ns) -> str:
+    from domainfusion_bench.data import get_dataset
+    from domainfusion_bench.data.preview import write_preview
+    from domainfusion_bench.training import TrainArgs
+
+    dataset = get_dataset(ns.dataset, ns.data_dir or TrainArgs().data_dir)
+    return f"wrote {write_preview(dataset, ns.out, ns.columns, ns.size, ns.scale)}: rows {', '.join(dataset.domains)}"
+
+
 def _collect_parser(sub) -> None:
     p = sub.add_parser("collect", help="leaderboard tables from run dirs (dfbench's or DomainBed's)")
     p.add_argument("input_dir", metavar="DIR", help="a sweep's output dir (searched recursively for results.jsonl)")
@@ -93,6 +117,8 @@ def _collect_parser(sub) -> None:
     p.add_argument("--out", default=None, help="write to FILE instead of stdout (.html means the HTML page)")
     p.add_argument("--include-incomplete", action="store_true", help="also read runs without a done file")
     p.add_argument("--costs", action="store_true", help="add cost tables: wall time, images/s, memory, cost_* keys")
+    p.add_argument("--metrics", action="store_true",
+                   help="add tables of the metric_* keys at the selected checkpoint (mean over test domains and trials)")
     p.set_defaults(func=_run_collect)
 
 
@@ -106,7 +132,7 @@ def _run_collect(ns) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CollectWarning)
         text = leaderboard(ns.input_dir, fmt=fmt, selection=ns.selection, error=ns.error, costs=ns.costs,
-                           include_incomplete=ns.include_incomplete)
+                           include_incomplete=ns.include_incomplete, metrics=ns.metrics)
     for w in caught:
         if issubclass(w.category, CollectWarning):
             print(f"dfbench collect: warning: {w.message}", file=sys.stderr)
@@ -317,6 +343,11 @@ def _run_bench(ns) -> None:
     from domainfusion_bench.bench.collector import format_collector
     from domainfusion_bench.training import DEFAULT_DATA_DIR
 
+    for flag in ("collect", "steps", "batch_size", "resolution", "num_workers", "threads", "synthetic_per_class",
+                 "warmup"):
+        value, least = getattr(ns, flag), 0 if flag in ("num_workers", "warmup") else 1
+        if value is not None and value < least:
+            raise DfbenchError(f"--{flag} must be an integer >= {least}, got {value}")
     if ns.collect is not None:
         result = bench_collector(ns.collect)
         print(json.dumps(result, indent=1) if ns.json else format_collector(result), end="\n" if ns.json else "")
@@ -339,7 +370,7 @@ def _run_bench(ns) -> None:
 
 
 PARSERS = [_list_parser, _train_parser, _collect_parser, _download_parser, _diffusion_parser, _sweep_parser,
-           _demo_parser, _bench_parser]
+           _demo_parser, _bench_parser, _datasets_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ The frame has one row per record and these columns:
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from domainfusion_bench.errors import DfbenchError
 
 ACC_KEY = re.compile(r"^env(\d+)_(in|out)_acc$")
 COST_KEYS = ("wall_time", "images_per_s", "mem_gb", "step_time")
+METRIC_PREFIX = "metric_"  # a method's own numbers (training.MetricMeter)
+OVERRIDES = "_overrides"  # the run's hyperparameter overrides (JSON), while the frame is built
 KEY_COLUMNS = ["run", "dataset", "algorithm", "trial_seed", "hparams_seed", "test_env", "test_env2",
                "n_test_envs", "step"]
 RUN_KEY = ["dataset", "algorithm", "test_env", "test_env2", "n_test_envs", "hparams_seed", "trial_seed"]
@@ -106,12 +109,8 @@ COST_KEY_SET = frozenset(COST_KEYS)
 _KEEP: dict[str, bool] = {}  # record key -> whether the frame keeps it (few distinct keys, many records)
 
 
-def _flatten(record: Any) -> dict[str, Any] | None:
-    """The frame row of one record, or None when it is not a usable record."""
-    if not isinstance(record, dict):
-        if not isinstance(record, Mapping):
-            return None
-    args = record.get("args")
+def _args_row(args: Any) -> dict[str, Any] | None:
+    """The part of a frame row that comes from a record's ``args`` (None: not usable)."""
     if not isinstance(args, Mapping):
         return None
     dataset, algorithm = args.get("dataset"), args.get("algorithm")
@@ -119,8 +118,8 @@ def _flatten(record: Any) -> dict[str, Any] | None:
     if type(dataset) is not str or type(algorithm) is not str or not isinstance(test_envs, (list, tuple)):
         return None
     envs = [_as_int(t) for t in test_envs]
-    trial_seed, hparams_seed, step = _as_int(args.get("trial_seed")), _as_int(args.get("hparams_seed")), _as_int(record.get("step"))
-    if not envs or any(t is None or t < 0 for t in envs) or None in (trial_seed, hparams_seed, step):
+    trial_seed, hparams_seed = _as_int(args.get("trial_seed")), _as_int(args.get("hparams_seed"))
+    if not envs or any(t is None or t < 0 for t in envs) or None in (trial_seed, hparams_seed):
         return None
     row: dict[str, Any] = {
         "dataset": dataset,
@@ -130,17 +129,73 @@ def _flatten(record: Any) -> dict[str, Any] | None:
         "test_env": envs[0],
         "test_env2": envs[1] if len(envs) > 1 else -1,
         "n_test_envs": len(envs),
-        "step": step,
     }
-    for key, value in record.items():
+    overrides = args.get("hparams")
+    if overrides:  # a sweep's grid point (or fixed overrides): runs that differ here are not pooled
+        row[OVERRIDES] = overrides if isinstance(overrides, str) else json.dumps(overrides, sort_keys=True)
+    return row
+
+
+def _kept(keys: tuple[str, ...]) -> tuple[str, ...]:
+    kept = []
+    for key in keys:
         keep = _KEEP.get(key)
         if keep is None:
-            keep = _KEEP[key] = bool(ACC_KEY.match(key)) or key in COST_KEY_SET or key.startswith(COST_PREFIX)
+            keep = _KEEP[key] = type(key) is str and (bool(ACC_KEY.match(key)) or key in COST_KEY_SET
+                                                      or key.startswith(COST_PREFIX) or key.startswith(METRIC_PREFIX))
         if keep:
-            number = _as_float(value)
-            if number is not None:
-                row[key] = number
-    return row
+            kept.append(key)
+    return tuple(kept)
+
+
+class _Flattener:
+    """Records -> frame rows. The records of one run share their ``args`` and their key set: both are
+    worked out once per distinct value, not once per record (1.8M records of a DomainBed-size sweep)."""
+
+    def __init__(self) -> None:
+        self._args: Any = None
+        self._args_row: dict[str, Any] | None = None
+        self._keys: dict[tuple, tuple[str, ...]] = {}
+        self.base: dict[str, Any] | None = None  # the args part of the last row made
+
+    def __call__(self, record: Any) -> dict[str, Any] | None:
+        if not isinstance(record, Mapping):
+            return None
+        args = record.get("args")
+        if args is not self._args and args != self._args:
+            self._args, self._args_row = args, _args_row(args)
+        base = self._args_row
+        if base is None:
+            return None
+        self.base = base
+        step = record.get("step")
+        if type(step) is not int:
+            step = _as_int(step)
+            if step is None:
+                return None
+        row = base.copy()
+        row["step"] = step
+        keys = tuple(record)
+        kept = self._keys.get(keys)
+        if kept is None:
+            kept = self._keys[keys] = _kept(keys)
+        for key in kept:
+            value = record[key]
+            kind = type(value)
+            if kind is float or kind is int:
+                row[key] = float(value)
+            else:
+                number = _as_float(value)
+                if number is not None:
+                    row[key] = number
+        if record.get("diverged_at") is not None:
+            row["diverged"] = 1.0
+        return row
+
+
+def _flatten(record: Any) -> dict[str, Any] | None:
+    """The frame row of one record, or None when it is not a usable record."""
+    return _Flattener()(record)
 
 
 def _acc_sort_key(name: str) -> tuple[int, int]:
@@ -148,8 +203,35 @@ def _acc_sort_key(name: str) -> tuple[int, int]:
     return (int(m.group(1)), 0 if m.group(2) == "in" else 1) if m else (10**9, 0)
 
 
+def _split_variants(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs of one algorithm with different hyperparameter overrides (a sweep's ``grid`` points) become
+    rows of their own, ``ERM [lr=0.001]``, under every selection method: pooling them would let selection
+    pick an arbitrary grid point. Only the overrides that differ between those runs name the row."""
+    if OVERRIDES not in df:
+        return df
+    overrides = df.pop(OVERRIDES).fillna("")
+    for (dataset, algorithm), sub in overrides.groupby([df["dataset"], df["algorithm"]]):
+        variants = sorted(sub.unique())
+        if len(variants) < 2:
+            continue
+        parsed = {}
+        for v in variants:
+            try:
+                parsed[v] = json.loads(v) if v else {}
+            except ValueError:
+                parsed[v] = {"hparams": v}
+            if not isinstance(parsed[v], dict):
+                parsed[v] = {"hparams": v}
+        names = sorted({k for p in parsed.values() for k in p})
+        differ = [k for k in names if len({json.dumps(p.get(k), sort_keys=True) for p in parsed.values()}) > 1]
+        labels = {v: f"{algorithm} [{', '.join(f'{k}={parsed[v].get(k)}' for k in differ)}]" for v in variants}
+        df.loc[sub.index, "algorithm"] = sub.map(labels)
+    return df
+
+
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame.from_records(rows) if rows else pd.DataFrame(columns=KEY_COLUMNS)
+    df = _split_variants(df)
     for col in KEY_COLUMNS:
         if col not in df:
             df[col] = pd.Series(dtype=object if col in ("run", "dataset", "algorithm") else "int64")
@@ -172,8 +254,9 @@ def records_to_frame(records: Iterable[Any], run: str | Sequence[str] = "run") -
     if len(runs) != len(records):
         raise ValueError("one run name per record, or one for all")
     rows, bad = [], 0
+    flatten = _Flattener()
     for record, run_name in zip(records, runs):
-        row = _flatten(record)
+        row = flatten(record)
         if row is None:
             bad += 1
             continue
@@ -228,10 +311,13 @@ def load_records(root: str | Path, include_incomplete: bool = False, warn: bool 
     root = Path(root)
     if not root.exists():
         raise DfbenchError(f"{root} does not exist: give the output dir of a sweep or of a run")
+    if not root.is_dir():
+        raise DfbenchError(f"{root} is not a directory: give the output dir of a sweep or of a run")
     coll = Collection(root=str(root), records=_frame([]))
     rows: list[dict[str, Any]] = []
     domains_from_runs: dict[str, list[str]] = {}
     keys_seen: dict[tuple, str] = {}
+    flatten = _Flattener()
     for run_dir in runfiles.iter_run_dirs(root):
         name = str(run_dir.relative_to(root)) if run_dir != root else "."
         done = (run_dir / runfiles.DONE).exists()
@@ -246,14 +332,17 @@ def load_records(root: str | Path, include_incomplete: bool = False, warn: bool 
             if warn:
                 warnings.warn(f"could not read {run_dir / runfiles.RESULTS}: {err}", CollectWarning, stacklevel=2)
             continue
-        run_rows = []
+        run_rows, run_keys, base = [], set(), None
         for record in records:
-            row = _flatten(record)
+            row = flatten(record)
             if row is None:
                 skipped += 1
             else:
                 row["run"] = name
                 run_rows.append(row)
+                if flatten.base is not base:  # the run key changes only with args
+                    base = flatten.base
+                    run_keys.add(tuple(row[k] for k in RUN_KEY) + (row.get(OVERRIDES),))
         if skipped:
             coll.skipped_by_file[name] = skipped
             coll.skipped_lines += skipped
@@ -261,17 +350,18 @@ def load_records(root: str | Path, include_incomplete: bool = False, warn: bool 
             continue
         if not done:
             coll.included_incomplete.append(name)
+        dataset, names = run_rows[0]["dataset"], _splits_domains(run_dir)
+        if names and domains_from_runs.setdefault(dataset, names) != names:  # another version of the dataset
+            dataset = f"{dataset} ({', '.join(names)})"
+            domains_from_runs.setdefault(dataset, names)
+            for row in run_rows:
+                row["dataset"] = dataset
         coll.runs += 1
-        for key in {tuple(r[k] for k in RUN_KEY) for r in run_rows}:
+        for key in run_keys:
             if key in keys_seen and keys_seen[key] != name:
                 coll.duplicate_runs += 1
             keys_seen.setdefault(key, name)
         rows.extend(run_rows)
-        dataset = run_rows[0]["dataset"]
-        if dataset not in domains_from_runs:
-            names = _splits_domains(run_dir)
-            if names:
-                domains_from_runs[dataset] = names
     coll.records = _frame(rows)
 
     for dataset, n in sorted(infer_n_envs(coll.records).items()):

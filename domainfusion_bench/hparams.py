@@ -92,16 +92,123 @@ def parse_hparams_json(text: str | None) -> dict[str, Any]:
     return value
 
 
+# Ranges of hyperparameters by name (every algorithm's), checked on overrides: (low, low inclusive,
+# high, high inclusive); None = unbounded.
+RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "lr": (0, False, None, False),
+    "batch_size": (1, True, None, False),
+    "weight_decay": (0, True, None, False),
+    "resnet_dropout": (0, True, 1, False),
+    "cnn_width": (1, True, None, False),
+}
+
+
+def _range_for(name: str) -> tuple[float | None, bool, float | None, bool] | None:
+    if name in RANGES:
+        return RANGES[name]
+    if name.endswith("_lr") or name.startswith("lr_"):
+        return RANGES["lr"]
+    if name.endswith("batch_size") or name.endswith("_steps") or name.endswith("_width"):
+        return (1, True, None, False)
+    if name.endswith("_fraction") or name.endswith("_prob") or name.endswith("dropout"):
+        return (0, True, 1, True)
+    return None
+
+
+def _describe(r: tuple[float | None, bool, float | None, bool]) -> str:
+    low, low_in, high, high_in = r
+    parts = []
+    if low is not None:
+        parts.append(f"{'>=' if low_in else '>'} {low:g}")
+    if high is not None:
+        parts.append(f"{'<=' if high_in else '<'} {high:g}")
+    return " and ".join(parts)
+
+
+def check_value(name: str, default: Any, value: Any, where: str) -> None:
+    """One clear error when an override has the wrong type (booleans are booleans, integers integers,
+    strings strings) or lies outside the hyperparameter's range."""
+    def fail(what: str) -> DfbenchError:
+        return DfbenchError(f"hyperparameter {name} for {where} must be {what}, got {value!r}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise fail("true or false (a JSON boolean)")
+        return
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail(f"a number like its default {default!r}")
+        if isinstance(value, float) and not value.is_integer():
+            raise fail(f"an integer like its default {default!r}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail(f"a number like its default {default!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise fail("a finite number")
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise fail(f"a string like its default {default!r}")
+        return
+    else:
+        return
+    bounds = _range_for(name)
+    if bounds is None:
+        return
+    low, low_in, high, high_in = bounds
+    if (low is not None and (value < low or (value == low and not low_in))) or \
+            (high is not None and (value > high or (value == high and not high_in))):
+        raise fail(_describe(bounds))
+
+
 def apply_overrides(hparams: dict[str, Any], overrides: Mapping[str, Any], where: str) -> dict[str, Any]:
     unknown = sorted(set(overrides) - set(hparams))
     if unknown:
         raise DfbenchError(
             f"unknown hyperparameter(s) {', '.join(unknown)} for {where}. Known: {', '.join(sorted(hparams))}."
         )
+    merged = dict(hparams)
     for name, value in overrides.items():
-        default = hparams[name]
-        if isinstance(default, (int, float)) and not isinstance(default, bool) and (
-                isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise DfbenchError(f"hyperparameter {name} for {where} must be a number like its default {default!r}, "
-                               f"got {value!r}")
-    return {**hparams, **overrides}
+        check_value(name, hparams[name], value, where)
+        if isinstance(hparams[name], int) and not isinstance(hparams[name], bool):
+            value = int(value)  # 64.0 from YAML/JSON is the integer 64
+        merged[name] = value
+    return merged
+
+
+def check_train_args(args: Any) -> None:
+    """Training arguments in range, one clear line each (the CLI's types are checked by argparse; a
+    TrainArgs built in Python or by a sweep spec is checked here)."""
+    def fail(name: str, what: str) -> DfbenchError:
+        return DfbenchError(f"--{name} must be {what}, got {getattr(args, name)!r}")
+
+    def integer(name: str, least: int, optional: bool = True) -> None:
+        value = getattr(args, name)
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise fail(name, f"an integer >= {least}")
+
+    integer("steps", 1)
+    integer("checkpoint_freq", 1)
+    integer("hparams_seed", 0, optional=False)
+    integer("trial_seed", 0, optional=False)
+    integer("seed", 0, optional=False)
+    integer("num_workers", 0)
+    integer("eval_batch_size", 1)
+    h = args.holdout_fraction
+    if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 < h < 1:
+        raise fail("holdout_fraction", "a number between 0 and 1 (exclusive), e.g. 0.2")
+    envs = args.test_envs
+    if not isinstance(envs, (list, tuple)) or not envs or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in envs):
+        raise fail("test_envs", "one or more domain indices >= 0")
+    if len(set(envs)) != len(envs):
+        raise fail("test_envs", "distinct domain indices")
+    choices = {"eval_splits": ("needed", "all"), "precision": ("auto", "bf16", "fp32")}
+    for name, allowed in choices.items():
+        if getattr(args, name) not in allowed:
+            raise fail(name, " | ".join(allowed))
+    device = args.device
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or
+                                           (device.startswith("cuda:") and device[5:].isdigit())):
+        raise fail("device", "auto | cpu | cuda | cuda:N")

@@ -18,6 +18,7 @@ import error), the launcher writes the ``failed`` file with the exit status and 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -27,6 +28,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -66,13 +68,16 @@ class LaunchResult:
 # ------------------------------------------------------------------------------- running one job
 
 
-def claim(job: Job) -> bool:
-    """Take a job whose turn has come: False when it is done or running by now; else lock it for us."""
+def claim(job: Job) -> str | None:
+    """Take a job whose turn has come: None when it is done or running by now; else lock it for us
+    (exclusively) and return the claim's token, which the trainer we start needs to take the run over."""
     job.run_dir.mkdir(parents=True, exist_ok=True)
     if run_state(job.run_dir).state in (State.DONE, State.RUNNING):
-        return False
-    runfiles.write_lock(job.run_dir, launcher=True)
-    return True
+        return None
+    claimed, _ = runfiles.claim(job.run_dir, launcher=True)
+    if not claimed:
+        return None
+    return runfiles.read_json(job.run_dir / runfiles.LOCK).get("token")
 
 
 def _tail(path: Path, n: int) -> list[str]:
@@ -83,9 +88,12 @@ def _tail(path: Path, n: int) -> list[str]:
 
 
 def release(run_dir: Path, returncode: int | None) -> Outcome:
-    """After the child exits: record why it failed if it could not, and drop a lock nobody holds."""
+    """After the child exits: record why it failed if it could not, and drop a lock nobody holds.
+    A lock another live process took meanwhile is theirs: then nothing is written into the run."""
     info, alive = runfiles.lock_holder(run_dir)
-    if info is not None and (info.get("pid") == os.getpid() or not alive):
+    if info is not None and alive and not runfiles.holds_lock(run_dir):
+        return Outcome.DONE if (run_dir / runfiles.DONE).exists() else Outcome.SKIPPED
+    if info is not None:
         (run_dir / runfiles.LOCK).unlink(missing_ok=True)
     if (run_dir / runfiles.DONE).exists():
         return Outcome.DONE
@@ -119,11 +127,11 @@ class _Forked:
             import multiprocessing
 
             cls._context = multiprocessing.get_context("forkserver")
-            cls._context.set_forkserver_preload(["domainfusion_bench.cli", "domainfusion_bench.training", "accelerate"])
+            cls._context.set_forkserver_preload(["domainfusion_bench.sweep", "domainfusion_bench.training", "accelerate"])
         return cls._context
 
-    def __init__(self, argv: list[str], log: Path, threads: int | None):
-        self.process = self.context().Process(target=_train_in_child, args=(argv, str(log), threads))
+    def __init__(self, args: dict[str, Any], log: Path, threads: int | None, token: str | None = None):
+        self.process = self.context().Process(target=_train_in_child, args=(args, str(log), threads, token))
         self.process.start()
 
     def wait(self, timeout: float | None = None) -> int | None:
@@ -140,8 +148,10 @@ class _Forked:
         return self.process.exitcode
 
 
-def _train_in_child(argv: list[str], log: str, threads: int | None) -> None:
+def _train_in_child(args: dict[str, Any], log: str, threads: int | None, token: str | None = None) -> None:
     """The forked child: stderr to the run's launch log, stdout away (the trainer tees both), then train."""
+    if token:
+        os.environ[runfiles.CLAIM_ENV] = token
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 2)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
@@ -149,9 +159,16 @@ def _train_in_child(argv: list[str], log: str, threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
-    from domainfusion_bench.cli import main
+    from domainfusion_bench.training import TrainArgs, train
 
-    main(argv)
+    try:  # what `dfbench train` does with an error; launchers do not import the CLI
+        train(TrainArgs(**args))
+    except DfbenchError as err:
+        print(f"dfbench train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("dfbench train: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def run_job(job: Job, prefix: Sequence[str] | None, env: dict[str, str] | None = None,
@@ -161,14 +178,15 @@ def run_job(job: Job, prefix: Sequence[str] | None, env: dict[str, str] | None =
     ``prefix`` None: fork it from the preloaded server (``threads`` torch threads); else run ``prefix +
     train argv`` as a fresh process with ``env``.
     """
-    if not claim(job):
+    token = claim(job)
+    if token is None:
         return Outcome.SKIPPED
     with open(job.run_dir / LAUNCH_LOG, "a") as log:
         if prefix is None:
-            proc = _Forked(job.train_argv(), job.run_dir / LAUNCH_LOG, threads)
+            proc = _Forked(dataclasses.asdict(job.args), job.run_dir / LAUNCH_LOG, threads, token)
         else:
             proc = subprocess.Popen(job.command(prefix), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=log, env=env)
+                                    stderr=log, env={**(os.environ if env is None else env), runfiles.CLAIM_ENV: token})
         try:
             proc.wait()
         except BaseException:  # Ctrl-C reached the child too: give it time to save its failure, then stop it
@@ -243,6 +261,9 @@ class Launcher:
         self.spec_name = spec_name
         self.options = {**self.OPTIONS, **options}
 
+    def check(self) -> None:
+        """Raise a DfbenchError for a bad option before anything is printed or launched."""
+
     def launch(self, jobs: Sequence[Job]) -> LaunchResult:
         raise NotImplementedError
 
@@ -262,6 +283,9 @@ class PoolLauncher(Launcher):
 
     def threads(self) -> int | None:
         return None
+
+    def check(self) -> None:
+        self.slots(), self.threads()
 
     def launch(self, jobs: Sequence[Job]) -> LaunchResult:
         slots, prefix, torch_threads = self.slots(), self.prefix(), self.threads()
@@ -386,17 +410,22 @@ class SubmititRun:
 
     def __call__(self) -> str:
         run_dir = Path(self.run_dir)
-        state = run_state(run_dir).state
-        if state == State.DONE:
+        (run_dir / runfiles.SUBMITTED).unlink(missing_ok=True)  # started: no longer pending in the queue
+        if (run_dir / runfiles.DONE).exists():
             return "done already"
         # A requeued job may find its own earlier attempt's lock, still fresh: that one is gone.
-        if state == State.RUNNING and not self.requeued:
+        if runfiles.lock_holder(run_dir)[1] and not self.requeued:
             return "running elsewhere"
         run_dir.mkdir(parents=True, exist_ok=True)
-        # our claim replaces any lock of an earlier attempt (maybe on another node, its heartbeat still fresh)
-        runfiles.write_lock(run_dir, launcher=True)
+        # a requeued job's claim replaces its earlier attempt's lock (maybe on another node, still fresh)
+        claimed, holder = runfiles.claim(run_dir, launcher=True, force=self.requeued)
+        if not claimed:
+            return "running elsewhere"
+        (run_dir / runfiles.SUBMITTED).unlink(missing_ok=True)  # the launcher may have just written the job id
+        token = runfiles.read_json(run_dir / runfiles.LOCK).get("token")
         with open(run_dir / LAUNCH_LOG, "a") as log:
-            proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+            proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                                    env={**os.environ, runfiles.CLAIM_ENV: token})
             while proc.poll() is None:
                 try:  # status on another host reads this mtime as "still alive"
                     os.utime(run_dir / runfiles.LOCK)
@@ -459,8 +488,23 @@ class SlurmLauncher(Launcher):
             params["slurm_additional_parameters"] = dict(o["additional"])
         executor.update_parameters(**params)
         runs = [SubmititRun(job.command(), str(job.run_dir), float(o["heartbeat_s"])) for job in jobs]
-        submitted = executor.submit_array(runs)
+        submit_time = time.time()
+        for job in jobs:  # marked before submitting: a relaunch while they are pending does not submit them again
+            runfiles.record_submission(job.run_dir, None)
+        try:
+            submitted = executor.submit_array(runs)
+        except BaseException:
+            for job in jobs:
+                (job.run_dir / runfiles.SUBMITTED).unlink(missing_ok=True)
+            raise
         by_id = {s.job_id: job for s, job in zip(submitted, jobs)}
+        for s, job in zip(submitted, jobs):  # the job id, for status; a run that already started removed its mark
+            if (job.run_dir / runfiles.SUBMITTED).exists():
+                runfiles.record_submission(job.run_dir, s.job_id)
+                failed = job.run_dir / runfiles.FAILED
+                if ((job.run_dir / runfiles.LOCK).exists() or (job.run_dir / runfiles.DONE).exists()
+                        or (failed.exists() and failed.stat().st_mtime >= submit_time)):  # it started meanwhile
+                    (job.run_dir / runfiles.SUBMITTED).unlink(missing_ok=True)
         print(f"submitted {len(submitted)} runs as {submitted[0].job_id.split('_')[0]} (logs in {folder})",
               file=sys.stderr)
         with _progress(len(jobs), self.spec_name) as bar:
@@ -501,6 +545,7 @@ def make_launcher(spec: SweepSpec, name: str | None = None, options: dict[str, A
 def launch_sweep(spec: SweepSpec, launcher: str | None = None, options: dict[str, Any] | None = None) -> LaunchResult:
     """Run every job that is not done and not running; failed and interrupted ones resume."""
     runner = make_launcher(spec, launcher, options)
+    runner.check()
     jobs = make_jobs(spec)
     states = job_states(jobs)
     todo = [job for job, s in zip(jobs, states) if s.state not in (State.DONE, State.RUNNING)]

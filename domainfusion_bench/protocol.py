@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from domainfusion_bench.errors import DfbenchError
 
 HOLDOUT_FRACTION = 0.2
 
 # Training arguments that do not change what a run computes: moving the data or the results,
-# or choosing another launcher, must not re-key a sweep.
+# another launcher, more data workers or a bigger evaluation batch must not re-key a sweep. Plugins
+# count by their files' content (``plugin_digests``), not by where they live.
 NON_SEMANTIC_ARGS = frozenset(
-    {"data_dir", "output_dir", "launcher", "device", "plugins", "skip_model_save", "eval_splits"}
+    {"data_dir", "output_dir", "launcher", "device", "plugins", "skip_model_save", "num_workers", "eval_batch_size",
+     "gen_batch_size"}
 )
 
 
@@ -49,7 +54,25 @@ def hparam_rng(random_seed: int, name: str) -> np.random.RandomState:
     return np.random.RandomState(seed_hash(random_seed, name))
 
 
+def plugin_digests(paths: Sequence[str]) -> list[str]:
+    """sha256 of each plugin file's content, sorted: editing a plugin re-keys its runs, moving it does not."""
+    digests = []
+    for path in paths:
+        try:
+            digests.append(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+        except OSError as err:
+            raise DfbenchError(f"plugin file {path} cannot be read ({err.strerror}); --plugins takes paths to .py files") from None
+    return sorted(digests)
+
+
+def semantic_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The training arguments that change the result, plugins by content (what a run's hash covers)."""
+    semantic = {k: v for k, v in args.items() if k not in NON_SEMANTIC_ARGS}
+    if args.get("plugins"):
+        semantic["plugin_sha256"] = plugin_digests(args["plugins"])
+    return semantic
+
+
 def run_hash(args: Mapping[str, Any]) -> str:
     """Name of a run directory: md5 of the training arguments that change the result."""
-    semantic = {k: v for k, v in args.items() if k not in NON_SEMANTIC_ARGS}
-    return hashlib.md5(json.dumps(semantic, sort_keys=True).encode("utf-8")).hexdigest()
+    return hashlib.md5(json.dumps(semantic_args(args), sort_keys=True).encode("utf-8")).hexdigest()

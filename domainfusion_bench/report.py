@@ -54,7 +54,7 @@ def selections_for(selection: str | Sequence[str]) -> list[str]:
 
 
 def build(root: str | Path, selection: str | Sequence[str] = "all", error: str = "domainbed", costs: bool = False,
-          include_incomplete: bool = False, fmt: str = "text") -> Leaderboard:
+          include_incomplete: bool = False, fmt: str = "text", metrics: bool = False) -> Leaderboard:
     coll = load_records(root, include_incomplete=include_incomplete)
     if not coll.runs:
         if coll.incomplete_runs:
@@ -63,15 +63,16 @@ def build(root: str | Path, selection: str | Sequence[str] = "all", error: str =
         raise DfbenchError(f"no run results under {root} (no results.jsonl with a readable record)")
     # html shows accuracy vs cost, so it always needs the cost columns
     return leaderboard_from_collection(coll, selections=selections_for(selection), error=error,
-                                       costs=costs or fmt == "html")
+                                       costs=costs or fmt == "html", metrics=metrics)
 
 
 def leaderboard(root: str | Path, fmt: str = "text", selection: str | Sequence[str] = "all",
-                error: str = "domainbed", costs: bool = False, include_incomplete: bool = False) -> str:
+                error: str = "domainbed", costs: bool = False, include_incomplete: bool = False,
+                metrics: bool = False) -> str:
     """The leaderboard of every run below ``root``, rendered in ``fmt``."""
     fmt = format_for(None, fmt)
-    board = build(root, selection, error, costs, include_incomplete, fmt)
-    return render(board, fmt)
+    board = build(root, selection, error, costs, include_incomplete, fmt, metrics)
+    return render_html(board, gallery=preview_gallery(root)) if fmt == "html" else render(board, fmt)
 
 
 def write_leaderboard(root: str | Path, out: str | Path, fmt: str | None = None, **kwargs) -> Path:
@@ -97,6 +98,8 @@ th{border-bottom:2px solid #444}th:first-child,td:first-child{text-align:left}
 td.best{font-weight:bold}td.missing{color:#b00}
 .notes{font-size:.85em;color:#555;margin:0 0 1em 1em}.summary{color:#444}
 img{max-width:100%;height:auto;border:1px solid #eee;margin:.5em 0}
+img.strip{image-rendering:pixelated;height:64px;width:auto}
+figure{margin:.2em 0}figcaption{font-size:.8em;color:#555}
 """
 
 
@@ -199,7 +202,7 @@ def _html_table(table: Table) -> str:
     out = ["<table>", "<thead><tr><th>Algorithm</th>" + "".join(f"<th>{esc(c)}</th>" for c in table.columns)
            + "</tr></thead>", "<tbody>"]
     best = {}
-    if table.kind != "costs":
+    if table.kind not in ("costs", "metrics"):
         for c in table.columns:
             vals = [(table.cells[(r, c)].mean, r) for r in table.rows
                     if (r, c) in table.cells and table.cells[(r, c)].mean is not None]
@@ -220,7 +223,33 @@ def _html_table(table: Table) -> str:
     return "\n".join(out)
 
 
-def render_html(board: Leaderboard) -> str:
+def preview_gallery(root: str | Path, per_algorithm: int = 1) -> str:
+    """HTML of generated images: for each (dataset, algorithm), the ``previews/`` strips of one run (a row
+    of images per generation stage and training domain, written by the trainer). Empty when none exist."""
+    from domainfusion_bench import runfiles
+
+    seen: dict[tuple[str, str], int] = {}
+    parts = []
+    for folder in sorted(Path(root).rglob(runfiles.PREVIEWS)):
+        records, _ = runfiles.read_records(folder.parent / runfiles.RESULTS)
+        args = records[0].get("args", {}) if records else {}
+        key = (str(args.get("dataset", "?")), str(args.get("algorithm", "?")))
+        if seen.get(key, 0) >= per_algorithm:
+            continue
+        seen[key] = seen.get(key, 0) + 1
+        parts.append(f"<h3>{html.escape(key[1])} on {html.escape(key[0])} "
+                     f"(held out: {html.escape(str(args.get('test_envs')))}, trial {args.get('trial_seed')})</h3>")
+        for png in sorted(folder.glob("*.png")):
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            parts.append(f'<figure><img class="strip" alt="{html.escape(png.stem)}" src="data:image/png;base64,{data}">'
+                         f"<figcaption>{html.escape(png.stem)}</figcaption></figure>")
+    if not parts:
+        return ""
+    return "<h2>Generated images</h2>\n<p class=\"summary\">Each strip: images a generative stage made for one " \
+           "training domain (stage-domain), from the generation cache.</p>\n" + "\n".join(parts)
+
+
+def render_html(board: Leaderboard, gallery: str = "") -> str:
     esc = html.escape
     method = board.selections[0] if board.selections else None
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -247,6 +276,8 @@ def render_html(board: Leaderboard) -> str:
             parts.append(f"<h2>{esc(head)}</h2>")
         parts.append(f"<h3>{esc(f'Dataset: {table.dataset}' if table.dataset else 'Averages')}</h3>")
         parts.append(_html_table(table))
+    if gallery:
+        parts.append(gallery)
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 

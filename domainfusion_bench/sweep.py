@@ -25,9 +25,10 @@ import yaml
 
 from domainfusion_bench import runfiles
 from domainfusion_bench.algorithms import ALGORITHMS, algorithm_space, load_plugins
-from domainfusion_bench.data import FOLDER_PREFIX, dataset_class, get_dataset
+from domainfusion_bench.data import FOLDER_PREFIX, dataset_class, get_dataset, run_identity
 from domainfusion_bench.data.folder import ImageFolderDataset
 from domainfusion_bench.errors import DfbenchError
+from domainfusion_bench.hparams import check_train_args, check_value
 from domainfusion_bench.protocol import HOLDOUT_FRACTION, run_hash, seed_hash
 from domainfusion_bench.training import DEFAULT_DATA_DIR, TrainArgs
 
@@ -334,6 +335,18 @@ def _check_hparams(spec: SweepSpec, fail) -> None:
             raise fail(f"grid.{name} must be a non-empty list of values, got {values!r}")
         if name in spec.hparams:
             raise fail(f"{name} is both a fixed hparam and a grid axis; keep one")
+    for (dataset, algorithm), names in _spaces(spec).items():  # types and ranges, as train checks them
+        defaults = algorithm_space(algorithm, dataset_class(dataset)).defaults()
+        where = f"{algorithm} on {dataset}"
+        try:
+            for name, value in spec.hparams.items():
+                if name in defaults:
+                    check_value(name, defaults[name], value, where)
+            for name, values in spec.grid.items():
+                for value in values if name in defaults else []:
+                    check_value(name, defaults[name], value, where)
+        except DfbenchError as err:
+            raise fail(f"hparams: {err}") from None
 
 
 def _check_train_args(train_args: Mapping[str, Any], fail) -> None:
@@ -345,6 +358,10 @@ def _check_train_args(train_args: Mapping[str, Any], fail) -> None:
             close = difflib.get_close_matches(name, allowed, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise fail(f"train_args: unknown training argument {name!r}.{hint} Allowed: {', '.join(allowed)}.")
+    try:
+        check_train_args(TrainArgs(**train_args))
+    except DfbenchError as err:
+        raise fail(f"train_args: {err}") from None
 
 
 # ------------------------------------------------------------------------------------------ jobs
@@ -426,7 +443,7 @@ def make_jobs(spec: SweepSpec) -> list[Job]:
                         plugins=list(spec.plugins),
                         **spec.train_args,
                     )
-                    args.output_dir = str(output_dir / run_hash(dataclasses.asdict(args)))
+                    args.output_dir = str(output_dir / run_hash(run_identity(dataclasses.asdict(args))))
                     jobs.append(Job(args, point))
     return jobs
 
@@ -484,6 +501,9 @@ def run_state(run_dir: Path) -> RunState:
     info, alive = runfiles.lock_holder(run_dir)
     if alive:
         return RunState(State.RUNNING, f"pid {info.get('pid')} on {info.get('host', '?')}")
+    submitted = runfiles.pending_submission(run_dir)
+    if submitted is not None:
+        return RunState(State.RUNNING, f"queued as Slurm job {submitted.get('job_id') or '?'} (pending)")
     if (run_dir / runfiles.FAILED).exists():
         return RunState(State.FAILED, failure_reason(run_dir) or "failed (no reason recorded)")
     if info is not None:

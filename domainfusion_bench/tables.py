@@ -177,7 +177,7 @@ def _notes(table: Table) -> list[str]:
 
 def build_leaderboard(records: pd.DataFrame, domains: Mapping[str, Sequence[str]] | None = None,
                       selections: Sequence[str] = tuple(METHODS), error: str = "domainbed",
-                      costs: bool = False, summary: str = "") -> Leaderboard:
+                      costs: bool = False, summary: str = "", metrics: bool = False) -> Leaderboard:
     """All tables for ``records`` (a collect frame). ``domains``: dataset -> domain names by env index."""
     if error not in ERRORS:
         raise ValueError(f"unknown error bar {error!r}; choices: {', '.join(ERRORS)}")
@@ -198,11 +198,14 @@ def build_leaderboard(records: pd.DataFrame, domains: Mapping[str, Sequence[str]
     selected = selected[[env in shown[d] for d, env in zip(selected["dataset"], selected["test_env"])]]
     board = Leaderboard(tables=[], error=error, selections=list(selections), summary=summary, domains=names,
                         selected=selected)
+    diverged = diverged_notes(records)
     for method in selections:
         sel = selected[selected["selection"] == method]
         for dataset in sorted(names):
-            board.tables.append(_dataset_table(sel[sel["dataset"] == dataset], method, dataset, names[dataset],
-                                               shown[dataset], error))
+            table = _dataset_table(sel[sel["dataset"] == dataset], method, dataset, names[dataset], shown[dataset],
+                                   error)
+            table.notes += diverged.get(dataset, [])
+            board.tables.append(table)
         averages = _averages_table(sel, method, names, error)
         averages.notes += [f"{d}: averaged over the {len(shown[d])} of {len(names[d])} domains some run holds out"
                            for d in sorted(names) if len(shown[d]) < len(names[d])]
@@ -211,11 +214,34 @@ def build_leaderboard(records: pd.DataFrame, domains: Mapping[str, Sequence[str]
         board.costs = cost_frame(records)
         for dataset in sorted(names):
             board.tables.append(_cost_table(board.costs, dataset))
+    if metrics:
+        for method in selections:
+            frame = metric_frame(records, selected[selected["selection"] == method])
+            for dataset in sorted(names):
+                board.tables.append(_metric_table(frame, dataset, method))
     return board
 
 
 def leaderboard_from_collection(coll, **kwargs) -> Leaderboard:
     return build_leaderboard(coll.records, coll.domains, summary=coll.summary(), **kwargs)
+
+
+def diverged_notes(records: pd.DataFrame) -> dict[str, list[str]]:
+    """Per dataset, a note for each algorithm with runs whose loss became non-finite: like DomainBed, their
+    checkpoints stay in model selection (a diverged run rarely wins, but dropping it would change the
+    protocol), and the table says so."""
+    if "diverged" not in records or not records["diverged"].notna().any():
+        return {}
+    runs = records.drop_duplicates(["run", "dataset", "algorithm"]) if "run" in records else records
+    bad = records[records["diverged"].notna()].drop_duplicates(["run", "dataset", "algorithm"]) \
+        if "run" in records else records[records["diverged"].notna()]
+    notes: dict[str, list[str]] = {}
+    total = runs.groupby(["dataset", "algorithm"]).size()
+    for (dataset, algorithm), n in bad.groupby(["dataset", "algorithm"]).size().items():
+        notes.setdefault(dataset, []).append(
+            f"{algorithm}: {n} of {total[(dataset, algorithm)]} runs diverged (non-finite loss); their checkpoints "
+            "stay in model selection, as in DomainBed")
+    return notes
 
 
 def held_out_envs(records: pd.DataFrame, n_envs: Mapping[str, int]) -> dict[str, list[int]]:
@@ -314,6 +340,43 @@ def cost_frame(records: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+METRIC_PREFIX = "metric_"  # MetricMeter keys: a method's own numbers (pool size, guidance scale, ...)
+
+
+def metric_frame(records: pd.DataFrame, selected: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset x algorithm: each ``metric_*`` key at the checkpoint one selection method chose,
+    averaged over the selected (test domain, trial) groups; ``n`` = groups with a value."""
+    keys = sorted(c for c in records if c.startswith(METRIC_PREFIX))
+    if not keys or selected.empty:
+        return pd.DataFrame(columns=["dataset", "algorithm", "n", *keys])
+    singles = records[records["n_test_envs"] == 1][["dataset", "algorithm", "test_env", "trial_seed", "hparams_seed",
+                                                     "step", *keys]]
+    singles = singles.drop_duplicates(["dataset", "algorithm", "test_env", "trial_seed", "hparams_seed", "step"],
+                                      keep="last")
+    chosen = selected.dropna(subset=["step"]).astype({"step": "int64", "hparams_seed": "int64"})
+    at = chosen[["dataset", "algorithm", "test_env", "trial_seed", "hparams_seed", "step"]].merge(
+        singles, on=["dataset", "algorithm", "test_env", "trial_seed", "hparams_seed", "step"], how="left")
+    g = at.groupby(["dataset", "algorithm"], sort=True)
+    out = g[keys].mean()
+    out.insert(0, "n", g[keys[0]].size())
+    return out.reset_index()
+
+
+def _metric_table(frame: pd.DataFrame, dataset: str, method: str) -> Table:
+    sub = frame[frame["dataset"] == dataset]
+    keys = [k for k in frame.columns if k.startswith(METRIC_PREFIX) and sub[k].notna().any()]
+    cols = [k[len(METRIC_PREFIX):] for k in keys]
+    rows = algorithm_order(sub["algorithm"])
+    cells: dict[tuple[str, str], Cell] = {}
+    for rec in sub.to_dict("records"):
+        for k, col in zip(keys, cols):
+            v = rec[k]
+            cells[(rec["algorithm"], col)] = Cell(None if pd.isna(v) else float(v), None, int(rec["n"]), int(rec["n"]),
+                                                  "not recorded" if pd.isna(v) else None)
+    return Table("metrics", f"Dataset: {dataset}, metrics at the checkpoint {method} selects (mean over test domains "
+                 "and trials)", cols, rows, cells, dataset=dataset, formats={c: "{:.4g}" for c in cols})
+
+
 def _cost_label(key: str) -> tuple[str, str]:
     if key in COST_COLUMNS:
         return COST_COLUMNS[key][0], COST_COLUMNS[key][2]
@@ -376,7 +439,8 @@ def sections(board: Leaderboard) -> Iterator[tuple[str | None, Table]]:
     """Each table with its section heading (one per selection method, then costs) where a section starts."""
     previous = None
     for table in board.tables:
-        head = f"Model selection: {METHODS[table.selection]}" if table.selection else "Cost per run"
+        head = (f"Model selection: {METHODS[table.selection]}" if table.selection else
+                "Metrics at the selected checkpoint" if table.kind == "metrics" else "Cost per run")
         yield (head if head != previous else None), table
         previous = head
 
@@ -388,7 +452,7 @@ def render_text(board: Leaderboard) -> str:
     out.append(error_description(board.error))
     for table in board.tables:
         grid = [["Algorithm", *table.columns]] + [[r, *row] for r, row in zip(table.rows, _grid(table, "text"))]
-        if table.kind == "costs":  # many unlike columns: each as wide as it needs
+        if table.kind in ("costs", "metrics"):  # many unlike columns: each as wide as it needs
             widths = [max(len(row[i]) for row in grid) for i in range(len(grid[0]))]
         else:  # DomainBed's look: one width for every column
             width = max([25 if table.kind == "averages" else 20] + [len(s) for row in grid for s in row])
@@ -491,10 +555,9 @@ RENDERERS = {"text": render_text, "markdown": render_markdown, "latex": render_l
 
 
 def render(board: Leaderboard, fmt: str = "text") -> str:
+    """Text formats; ``html`` is the report's (``report.render_html``; report imports tables, not back)."""
     if fmt == "html":
-        from domainfusion_bench.report import render_html
-
-        return render_html(board)
+        raise ValueError("html is rendered by domainfusion_bench.report.render_html")
     if fmt not in RENDERERS:
         raise ValueError(f"unknown format {fmt!r}; choices: {', '.join(FORMATS)}")
     return RENDERERS[fmt](board)

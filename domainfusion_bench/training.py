@@ -25,15 +25,16 @@ import torch
 from domainfusion_bench import runfiles
 from domainfusion_bench.algorithms import ALGORITHMS, Algorithm, algorithm_space, load_plugins
 from domainfusion_bench.costs import CostMeter, MetricMeter
-from domainfusion_bench.data import MultiDomainDataset, dataset_class, get_dataset
+from domainfusion_bench.data import MultiDomainDataset, dataset_class, get_dataset, run_identity
 from domainfusion_bench.data.loaders import SplitDataset, eval_batches, training_batches
 from domainfusion_bench.errors import DfbenchError
-from domainfusion_bench.hparams import apply_overrides, parse_hparams_json
-from domainfusion_bench.protocol import HOLDOUT_FRACTION, split_indices
+from domainfusion_bench.hparams import apply_overrides, check_train_args, parse_hparams_json
+from domainfusion_bench.protocol import HOLDOUT_FRACTION, run_hash, semantic_args, split_indices
 
 DEFAULT_DATA_DIR = os.environ.get("DFBENCH_DATA", "datasets")
 # Folder datasets up to this many GiB (uint8 at the training resolution) are decoded once into a store.
 STORE_MAX_GB = float(os.environ.get("DFBENCH_STORE_GB", "8"))
+DEFAULT_OUTPUT_ROOT = "results/train"
 
 
 @dataclass
@@ -71,7 +72,7 @@ class TrainArgs:
     algorithm: str = "ERM"
     test_envs: list[int] = field(default_factory=lambda: [0])
     data_dir: str = DEFAULT_DATA_DIR
-    output_dir: str = "results/train"
+    output_dir: str | None = None  # default: results/train/<run hash>, one dir per configuration
     hparams: str | None = None  # JSON overrides
     hparams_seed: int = 0
     trial_seed: int = 0
@@ -88,6 +89,7 @@ class TrainArgs:
     eval_batch_size: int | None = None
     gen_batch_size: int | None = None  # images per denoiser call in generation stages (speed only)
     plugins: list[str] = field(default_factory=list)
+    eval_augment: bool = False  # DomainBed: training domains' validation splits use the training transform
 
 
 @dataclass
@@ -179,6 +181,16 @@ class Runtime:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def protocol_settings(runtime: Runtime, speed: Speed, args: TrainArgs, dataset: MultiDomainDataset) -> dict[str, Any]:
+    """What this run did where dfbench differs from DomainBed 2020 (README, "Differences, on purpose"),
+    recorded in every record's ``args`` so a number says how it was made."""
+    return {"precision": "bf16" if runtime.accelerator.mixed_precision == "bf16" else "fp32",
+            "cudnn_benchmark": bool(runtime.cuda and torch.backends.cudnn.benchmark),
+            "eval_augment": bool(speed.eval_augment or args.eval_augment),
+            "eval_splits": args.eval_splits,
+            "dataset": list(getattr(dataset, "DIFFERENCES", ()))}
 
 
 def make_splits(dataset: MultiDomainDataset, args: TrainArgs, hparams: dict[str, Any], eval_augment: bool = False):
@@ -296,15 +308,22 @@ def accuracy(algorithm: Algorithm, split: SplitDataset, runtime: Runtime, batch_
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors, numbers and lists (loadable with ``weights_only=True``)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -343,37 +362,50 @@ def _logs_to(run_dir: Path, enabled: bool):
         sys.stdout, sys.stderr = out, err
 
 
+def run_fingerprint(args: TrainArgs, hparams: dict[str, Any]) -> dict[str, Any]:
+    """What defines a run: the arguments that change its result (plugins by content) and the resolved
+    hyperparameters. A run dir holds one fingerprint; training into it with another one is refused."""
+    return {**semantic_args(run_identity(dataclasses.asdict(args))), "hparams_resolved": hparams}
+
+
 def train(args: TrainArgs) -> Path:
     """Run (or resume, or skip if done) one training run; returns its run directory."""
+    check_train_args(args)
     load_plugins(args.plugins)
     ALGORITHMS.get(args.algorithm)  # fail fast on an unknown name, before loading data
     hparams = resolve_hparams(args)
+    if args.output_dir is None:  # one dir per configuration, never a shared one
+        args = dataclasses.replace(args, output_dir=str(Path(DEFAULT_OUTPUT_ROOT) / run_hash(run_identity(dataclasses.asdict(args)))))
     run_dir = Path(args.output_dir)
+    fingerprint = run_fingerprint(args, hparams)
+    runfiles.check_fingerprint(run_dir, fingerprint)
     if (run_dir / runfiles.DONE).exists():
         print(f"{run_dir} is already done; nothing to do.")
         return run_dir
     runtime = Runtime(args)
+    beat = contextlib.nullcontext()
     if runtime.is_main:
-        holder, alive = runfiles.lock_holder(run_dir)  # a launcher's claim is ours to take over
-        if alive and not holder.get("launcher") and holder.get("pid") != os.getpid():
+        claimed, holder = runfiles.claim(run_dir, token=os.environ.get(runfiles.CLAIM_ENV))
+        if not claimed:  # the loser writes nothing into the run
             raise DfbenchError(
                 f"{run_dir} is being trained right now by process {holder.get('pid')} on {holder.get('host', '?')} "
                 "(see its lock file): wait for it to finish, or stop that process and run this again to resume"
             )
-        run_dir.mkdir(parents=True, exist_ok=True)
+        runfiles.check_fingerprint(run_dir, fingerprint)  # again, now that the run is ours
         (run_dir / runfiles.FAILED).unlink(missing_ok=True)
-        runfiles.write_lock(run_dir)
+        runfiles.write_fingerprint(run_dir, fingerprint)
+        beat = runfiles.Heartbeat(run_dir)
     try:
-        with _logs_to(run_dir, runtime.is_main):
+        with beat, _logs_to(run_dir, runtime.is_main):
             _train(args, hparams, runtime, run_dir)
     except BaseException as err:
-        if runtime.is_main:
+        if runtime.is_main and runfiles.holds_lock(run_dir):
             reason = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8)}
             runfiles.atomic_write_text(run_dir / runfiles.FAILED, json.dumps(reason, indent=1))
         raise
     finally:
         if runtime.is_main:
-            (run_dir / runfiles.LOCK).unlink(missing_ok=True)
+            runfiles.release_lock(run_dir)
     return run_dir
 
 
@@ -392,10 +424,10 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
     steps = args.steps if args.steps is not None else dataset.N_STEPS
     freq = args.checkpoint_freq or dataset.CHECKPOINT_FREQ
     train_envs = [i for i in range(len(dataset.envs)) if i not in args.test_envs]
-    train_splits, splits, index_record = make_splits(dataset, args, hparams, speed.eval_augment)
-    record_args = dataclasses.asdict(args)
+    train_splits, splits, index_record = make_splits(dataset, args, hparams, speed.eval_augment or args.eval_augment)
+    record_args = {**dataclasses.asdict(args), "protocol": protocol_settings(runtime, speed, args, dataset)}
     if runtime.is_main:
-        runfiles.atomic_write_text(run_dir / runfiles.SPLITS, json.dumps(index_record))
+        runfiles.write_splits(run_dir, index_record, f"{dataset.name}_trial{args.trial_seed}_holdout{args.holdout_fraction}")
         print(f"{args.algorithm} on {dataset.name}, test envs {args.test_envs}, {steps} steps, hparams {hparams}")
 
     algorithm = ALGORITHMS.get(args.algorithm)(dataset.input_shape, dataset.num_classes, len(train_envs), hparams)
@@ -410,10 +442,10 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
     if runtime.is_main and context.previews:
         write_previews(run_dir, context.previews)
 
-    start_step, elapsed_before = 0, 0.0
+    start_step, elapsed_before, diverged_at = 0, 0.0, None
     resume_path = run_dir / runfiles.RESUME
-    if resume_path.exists():
-        state = torch.load(resume_path, map_location=runtime.device, weights_only=False)
+    state = runfiles.load_resume(resume_path, map_location=runtime.device)
+    if state is not None:
         restored = algorithm.load_resume_state(state["algorithm"], context)
         if restored is not None:
             train_splits = list(restored)
@@ -422,6 +454,7 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
         metrics.load_state_dict(state.get("metrics", {}))
         _set_rng_state(state["rng"])
         start_step, elapsed_before = state["step"] + 1, state["elapsed"]
+        diverged_at = state.get("diverged_at")
         if runtime.is_main:
             runfiles.keep_records_through(run_dir, state["step"])
             print(f"resuming from step {start_step}")
@@ -468,12 +501,10 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
         if step % freq == 0 or step == steps - 1:
             n = max(timing["n"], 1)
             losses = {name: runtime.mean_over_ranks(total / n).item() for name, total in sums.items()}
-            bad = {k: v for k, v in losses.items() if not np.isfinite(v)}
-            if bad:
-                raise DfbenchError(
-                    f"loss became {bad} by step {step} ({args.algorithm}, lr={hparams['lr']}): the run diverged. "
-                    "Lower the learning rate or check the data; this run is marked failed."
-                )
+            if diverged_at is None and not all(np.isfinite(v) for v in losses.values()):
+                diverged_at = step  # DomainBed keeps a diverged run's checkpoints in selection: so do we
+                print(f"warning: loss became non-finite by step {step} ({args.algorithm}, lr={hparams['lr']}): the run "
+                      "diverged; it goes on as in DomainBed and its records say diverged_at", file=sys.stderr)
             record = {
                 "step": step,
                 "epoch": step / steps_per_epoch,
@@ -488,16 +519,17 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
             record.update(mem_gb=runtime.peak_memory_gb(), wall_time=elapsed, hparams=hparams, args=record_args)
             record.update(costs.record_fields())
             record.update(metrics.record_fields())
+            if diverged_at is not None:
+                record["diverged_at"] = diverged_at
             if runtime.is_main:
                 runfiles.append_record(run_dir, record)
                 accs = " ".join(f"{k[:-4]}={v:.3f}" for k, v in record.items() if k.endswith("_acc"))
                 print(f"step {step:5d}  loss {losses.get('loss', float('nan')):.4f}  {accs}  "
                       f"{record['images_per_s']:.0f} img/s")
                 state = {"step": step, "elapsed": elapsed, "algorithm": algorithm.resume_state(),
-                         "costs": costs.state_dict(), "metrics": metrics.state_dict(), "rng": _rng_state()}
-                tmp = resume_path.with_suffix(".tmp")
-                torch.save(state, tmp)
-                os.replace(tmp, resume_path)
+                         "costs": costs.state_dict(), "metrics": metrics.state_dict(), "rng": _rng_state(),
+                         "diverged_at": diverged_at}
+                runfiles.save_resume(resume_path, state)
                 runfiles.heartbeat(run_dir)
             sums, timing = {}, {"step": 0.0, "data": 0.0, "n": 0, "images": 0}
 

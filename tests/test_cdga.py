@@ -15,7 +15,8 @@ from domainfusion_bench.training import TrainArgs, train
 
 # 3 DDPM steps, 12 sources per domain, img2img over 2 DDIM steps: seconds on a CPU, the whole path still runs
 SOURCES = 12
-FAST = {"batch_size": 16, "cnn_width": 16, "ddpm_steps": 3, "cdga_strength": 0.2, "cdga_max_sources": SOURCES}
+FAST = {"batch_size": 16, "cnn_width": 16, "ddpm_steps": 3, "cdga_strength": 0.2, "cdga_max_sources": SOURCES,
+        "og_oracle_steps": 5}
 
 
 def read(run_dir):
@@ -83,6 +84,10 @@ def test_synthetic_images_are_in_the_training_batches(tmp_path, monkeypatch):
     assert 0.3 < hits < 0.7  # cdga_synthetic_fraction 0.5 of every draw is a generated image
     previews = list((tmp_path / "run" / runfiles.PREVIEWS).glob("*.png"))
     assert len(previews) == 3  # one strip per training domain
+    from domainfusion_bench.report import preview_gallery
+
+    gallery = preview_gallery(tmp_path)  # the HTML leaderboard's "Generated images" section
+    assert gallery.count("<img") == 3 and "CDGA on DigitStyles" in gallery
 
 
 def test_cdga_generates_trains_and_records_its_cost(cdga_runs):
@@ -96,6 +101,7 @@ def test_cdga_generates_trains_and_records_its_cost(cdga_runs):
     assert last["cost_generation_seconds"] > 0 and last["cost_diffusion_train_seconds"] > 0
     assert last["cost_reused_generated_images"] == 0 and "cost_reused_diffusion_train_seconds" not in last
     assert 0 <= last["env0_in_acc"] <= 1
+    assert 0 <= last["metric_invalid_rate"] <= 1 and "metric_oracle_val_acc" in last  # every generation is judged
 
 
 def test_a_killed_cdga_run_resumes_without_regenerating_or_retraining(cdga_runs):
@@ -139,7 +145,7 @@ def test_cli_diffusion_train_trains_then_finds_the_model(tmp_path, capsys):
     assert "pixel DDPM trained" in capsys.readouterr().out and (tmp_path / "preview.png").stat().st_size > 0
     main(argv)
     out = capsys.readouterr().out
-    assert "pixel DDPM found in cache" in out and "plain, inverted, sketch" in out
+    assert "pixel DDPM found in cache" in out and "poster, crayon, chalk" in out
     with pytest.raises(SystemExit):
         main(["diffusion", "train", "--dataset", "DigitStyles", "--test_envs", "0", "1", "2", "3", "--data_dir", str(tmp_path)])
     assert "not valid for DigitStyles" in capsys.readouterr().err

@@ -12,7 +12,7 @@ def test_list_shows_algorithms_datasets_domains_and_needs(capsys):
     main(["list"])
     out = capsys.readouterr().out
     assert "ERM" in out and "RotatedDigits" in out and "1797 images" in out
-    assert "plain (450), inverted (449), painted (449), sketch (449)" in out
+    assert "poster (450), crayon (449), stencil (449), chalk (449)" in out
     assert "dfbench download PACS" in out
 
 

@@ -232,6 +232,11 @@ def test_cache_survives_a_truncated_manifest_line(tmp_path):
         f.write('{"key": "abc", "fi')  # a process killed mid-write
     _, stats = cache.img2img(sampler, requests_for(x, [1, 2]), 0.5, progress=False)
     assert stats.reused_images == 2
+    # the next entry written after the broken line is not glued onto it
+    x3 = torch.rand(3, 3, 16, 16)
+    _, made = cache.img2img(sampler, requests_for(x3, [3, 4, 5]), 0.5, progress=False)
+    _, found = GenerationCache(tmp_path / "gen").img2img(sampler, requests_for(x3, [3, 4, 5]), 0.5, progress=False)
+    assert made.made_images == 3 and found.reused_images == 3
 
 
 # --- leakage guard --------------------------------------------------------------------------------------

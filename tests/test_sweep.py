@@ -127,7 +127,7 @@ def test_shipped_specs_are_valid():
     ("datasets: [RotatedDigits]\nalgorithms: [ERN]\n", "unknown algorithm 'ERN'. Did you mean 'ERM'?"),
     ("datasets: [RotatedDigit]\nalgorithms: [ERM]\n", "unknown dataset 'RotatedDigit'"),
     ("datasets: [DigitStyles]\nalgorithms: [ERM]\ntest_envs: [[0], [4]]\n",
-     "domain index 4 is out of range for DigitStyles, which has 4 domains (0..3: 0=plain"),
+     "domain index 4 is out of range for DigitStyles, which has 4 domains (0..3: 0=poster"),
     ("datasets: [DigitStyles]\nalgorithms: [ERM]\ntest_envs: [[0, 1, 2, 3]]\n", "leaves no training domain"),
     ("datasets: [DigitStyles]\nalgorithms: [ERM]\ntest_envs: single\n", "Did you mean 'singles'?"),
     ("datasets: [RotatedDigits]\nalgorithms: [ERM]\nsteps: [1\n", "line 4, column 1: bad YAML"),

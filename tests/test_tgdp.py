@@ -70,7 +70,7 @@ class MixtureBackbone(Backbone):
     def decode(self, z):
         return z
 
-    def _eps(self, z, t, cond):
+    def _predict(self, z, t, cond):  # the noise (prediction type epsilon)
         z = z.detach().requires_grad_(True)
         with torch.enable_grad():
             (score,) = torch.autograd.grad(log_noised_mixture(z, self.alphas_cumprod[t.long()], self.modes, self.std).sum(), z)
@@ -315,7 +315,7 @@ def test_tgdp_dg_refuses_the_few_shot_path_and_a_held_out_source(tgdp_runs):
                                          "backbone": "auto", "pretrained": "imagenet", "freeze_bn": True})
     context = SimpleNamespace(dataset=ds, test_envs=[HELD_OUT], train_envs=[1, 2, 3], args=args)
     with pytest.raises(DfbenchError, match="may not read held-out"):
-        algorithm.few_shot_target(context, 32)
+        algorithm.few_shot_images(context, 32)
     leaky = SimpleNamespace(dataset=ds, test_envs=[HELD_OUT], train_envs=[0, 1, 2], args=args)
     with pytest.raises(DfbenchError, match="leakage guard"):
         algorithm.source_pool(leaky, 32)

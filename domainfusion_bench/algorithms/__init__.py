@@ -10,6 +10,7 @@ from typing import Iterable
 from domainfusion_bench.algorithms import erm  # noqa: F401  (registers ERM)
 from domainfusion_bench.algorithms import cdga  # noqa: F401  (registers CDGA, CDGA*)
 from domainfusion_bench.algorithms import style_mixing  # noqa: F401  (registers MixStyle, EFDM)
+from domainfusion_bench.algorithms import oracle_guidance  # noqa: F401  (registers CDGA+OG)
 from domainfusion_bench.algorithms import tgdp  # noqa: F401  (registers TGDP, TGDP-FS)
 from domainfusion_bench.algorithms.base import ALGORITHMS, Algorithm, register_algorithm
 from domainfusion_bench.errors import DfbenchError

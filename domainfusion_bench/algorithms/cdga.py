@@ -89,9 +89,8 @@ class CDGA(GenerativeAlgorithm):
                 raise DfbenchError(f"CDGA: {len(leaked)} source images of domain {ds.domains[env]} are not in its in-split")
             requests = self.requests(context, split, env, backbone)
             images, stats = cache.img2img(sampler, requests, hp["cdga_strength"], made_by=context.made_by,
-                                          desc=f"CDGA from {ds.domains[env]}")
+                                          desc=f"CDGA from {ds.domains[env]}", uint8=True)
             stats.charge(context.costs)
-            images = self.to_uint8(images)
             labels = torch.tensor([r.class_id for r in requests], dtype=torch.long)
             self.after_generation(context, images, labels, env)
             mixed = mixed_split(split, images, labels, hp["cdga_synthetic_fraction"])

@@ -31,7 +31,8 @@ class GenerativeAlgorithm(ERM):
     NEEDS = "a diffusion backbone: pixel_ddpm (trained here on the training domains, offline) or sd:<checkpoint>"
     GENERATIVE = True
     ORACLE = False  # may condition on held-out domains (oracle rows only, e.g. CDGA*)
-    SMOKE_HPARAMS = {"ddpm_steps": 2, "sample_steps": 2}
+    FEW_SHOT_TARGET = 0  # >0: the labelled few-shot-target track (not DG) may use that many unlabelled held-out images
+    SMOKE_HPARAMS = {"ddpm_steps": 2, "sample_steps": 2, "og_oracle_steps": 5}
 
     @classmethod
     def hparam_space(cls, space, dataset):
@@ -39,6 +40,9 @@ class GenerativeAlgorithm(ERM):
         space.add("diffusion_backbone", "pixel_ddpm")  # pixel_ddpm | sd:<folder or hub id> | sd:tiny
         space.add("ddpm_steps", DEFAULT_STEPS)  # training steps of the shared pixel DDPM (cached per training domains)
         space.add("sample_steps", 10)  # DDIM steps of a full trajectory (img2img runs strength x this)
+        from domainfusion_bench.algorithms.oracle_guidance import oracle_hparams  # (imports this module)
+
+        oracle_hparams(space)  # og_measure: every generation judged by the validity oracle
 
     # --- shared parts -----------------------------------------------------------------------------
     def backbone(self, context, oracle: bool | None = None) -> Backbone:
@@ -51,9 +55,13 @@ class GenerativeAlgorithm(ERM):
                 hp["diffusion_backbone"], dataset=context.dataset, train_envs=context.train_envs,
                 test_envs=context.test_envs, store=context.models, device=context.device,
                 trial_seed=args.trial_seed, holdout_fraction=args.holdout_fraction, costs=context.costs,
-                ddpm_steps=hp["ddpm_steps"], oracle=oracle, made_by=context.made_by)
+                ddpm_steps=hp["ddpm_steps"], oracle=oracle, made_by=context.made_by,
+                few_shot_target=self.few_shot_target())
             self._backbones = cached
         return cached[oracle]
+
+    def few_shot_target(self) -> int:
+        return self.FEW_SHOT_TARGET
 
     def sampler(self, backbone: Backbone, guidance: Sequence[GuidanceTerm] | None = None, **config) -> DDIMSampler:
         """A DDIM sampler with the run's settings; ``config`` overrides SamplerConfig fields. The batch size is
@@ -77,11 +85,16 @@ class GenerativeAlgorithm(ERM):
                          round_name: str = "base") -> None:
         """Called with each batch of generated images (uint8 [N, C, H, W]) made for training domain ``env``.
         Keeps a few for the run's previews; validity-measuring variants judge them here."""
-        if len(images):
-            name = f"{round_name}-{context.dataset.domains[env]}"
-            previews = getattr(context, "previews", None)
-            if previews is not None and name not in previews:
-                previews[name] = images[:PREVIEW_IMAGES].cpu()
+        if not len(images):
+            return
+        name = f"{round_name}-{context.dataset.domains[env]}"
+        previews = getattr(context, "previews", None)
+        if previews is not None and name not in previews:
+            previews[name] = images[:PREVIEW_IMAGES].cpu()
+        if self.hparams.get("og_measure"):
+            from domainfusion_bench.algorithms.oracle_guidance import judge_generation
+
+            judge_generation(self, context, images, labels, env, round_name)
 
     # --- the generation stage -----------------------------------------------------------------------
     def prepare(self, context: Any):

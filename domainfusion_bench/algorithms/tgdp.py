@@ -84,13 +84,17 @@ class TGDP(GenerativeAlgorithm):
         if cls.FEW_SHOT:
             space.add("tgdp_target_shots", 10)
 
+    def few_shot_target(self) -> int:
+        """k held-out images the run's guards allow (0 for DG)."""
+        return int(self.hparams["tgdp_target_shots"]) if self.FEW_SHOT else 0
+
     # --- data: the only places that read images -----------------------------------------------------
     def guard(self, context) -> LeakageGuard:
         """A fresh guard (its few-shot budget is per use): DG allows no held-out image, TGDP-FS k unlabelled ones."""
-        k = int(self.hparams["tgdp_target_shots"]) if self.FEW_SHOT else 0
         try:
-            return LeakageGuard(context.dataset.name, context.dataset.domains, context.test_envs, few_shot_target=k)
-        except TypeError:  # a diffusion layer without the few-shot mode: few_shot_target() checks k itself
+            return LeakageGuard(context.dataset.name, context.dataset.domains, context.test_envs,
+                                few_shot_target=self.few_shot_target())
+        except TypeError:  # a diffusion layer without the few-shot mode: few_shot_images() checks k itself
             return LeakageGuard(context.dataset.name, context.dataset.domains, context.test_envs)
 
     def source_pool(self, context, resolution: int):
@@ -105,7 +109,7 @@ class TGDP(GenerativeAlgorithm):
                        torch.tensor([d for _, _, d in items]))
         return tensors
 
-    def few_shot_target(self, context, resolution: int) -> torch.Tensor:
+    def few_shot_images(self, context, resolution: int) -> torch.Tensor:
         """k unlabelled in-split images of the held-out domain (TGDP-FS only): [k, C, R, R] in [0, 1]."""
         if not self.FEW_SHOT:
             raise DfbenchError("leakage guard: TGDP (DG) may not read held-out images; TGDP-FS is the few-shot-target track")
@@ -134,7 +138,7 @@ class TGDP(GenerativeAlgorithm):
         if self.FEW_SHOT:
             env = int(context.test_envs[0])
             return [(f"{context.dataset.domains[env]} ({self.hparams['tgdp_target_shots']} shots)",
-                     self.few_shot_target(context, resolution), None, None)]
+                     self.few_shot_images(context, resolution), None, None)]
         x, y, d = pool
         return [(context.dataset.domains[j], x[d == j], y[d == j], j) for j in context.train_envs]
 
@@ -143,7 +147,7 @@ class TGDP(GenerativeAlgorithm):
         few_shot = {int(context.test_envs[0]): int(self.hparams["tgdp_target_shots"])} if self.FEW_SHOT else None
         guard = self.guard(context)
         if few_shot and getattr(guard, "check_target_images", None) is None:
-            guard = None  # checked in few_shot_target; the layer's few-shot guard is not there yet
+            guard = None  # checked in few_shot_images; the layer's few-shot guard is not there yet
         return context.models.get_or_train(
             kind, dataset=context.dataset, train_envs=context.train_envs, trial_seed=context.args.trial_seed,
             holdout_fraction=context.args.holdout_fraction, config=config, build=build, train=train,

@@ -18,6 +18,13 @@ def dataset_class(name: str) -> type[MultiDomainDataset]:
     return DATASETS.get(name)
 
 
+def run_identity(args: dict) -> dict:
+    """Training arguments plus the dataset's construction version when it was rebuilt (version > 1):
+    what run hashes and fingerprints cover, so runs on another version of a dataset never mix."""
+    version = getattr(dataset_class(args["dataset"]), "VERSION", 1)
+    return {**args, "dataset_version": version} if version != 1 else dict(args)
+
+
 def get_dataset(name: str, data_dir: str | Path) -> MultiDomainDataset:
     """Load ``name`` from ``data_dir``; ``folder:<path>`` loads any folder in DomainBed's layout."""
     if name.startswith(FOLDER_PREFIX):
@@ -28,4 +35,4 @@ def get_dataset(name: str, data_dir: str | Path) -> MultiDomainDataset:
     return cls(data_dir)
 
 
-__all__ = ["DATASETS", "MultiDomainDataset", "register_dataset", "dataset_class", "get_dataset"]
+__all__ = ["DATASETS", "MultiDomainDataset", "register_dataset", "dataset_class", "get_dataset", "run_identity"]

@@ -337,9 +337,7 @@ def download(name: str, data_dir: str | Path | None = None, mirror: str | Path |
     """
     recipe = RECIPES.get(name)
     if data_dir is None:
-        from domainfusion_bench.training import DEFAULT_DATA_DIR
-
-        data_dir = DEFAULT_DATA_DIR
+        data_dir = os.environ.get("DFBENCH_DATA", "datasets")  # training.DEFAULT_DATA_DIR (data never imports training)
     data_dir = Path(data_dir)
     expected = recipe.expected_images if expected_images is None else expected_images
     final = data_dir / recipe.subdir

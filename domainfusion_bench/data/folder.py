@@ -44,28 +44,72 @@ class NormalizeBatch:
         return T.functional.normalize(x.float().div(255), IMAGENET_MEAN, IMAGENET_STD)
 
 
+CROP_TRIES = 10  # torchvision's RandomResizedCrop.get_params: 10 tries, then a centre crop
+
+
+def crop_params(heights: torch.Tensor, widths: torch.Tensor, generator: torch.Generator | None = None,
+                scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO) -> torch.Tensor:
+    """RandomResizedCrop boxes (i, j, h, w) per image, by torchvision's own rule on each image's size:
+    area fraction ~ U(scale), log aspect ~ U(log ratio), w and h rounded, up to 10 tries for a box that
+    fits, then the centre crop with the aspect clamped into ``ratio``; the corner uniform over integer
+    positions. Vectorised over images (all tries drawn at once); returns float [N, 4]."""
+    n, device = len(heights), heights.device
+    H, W = heights.double()[:, None], widths.double()[:, None]
+    u = lambda *shape: torch.rand(*shape, generator=generator, device=device, dtype=torch.float64)  # noqa: E731
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * u(n, CROP_TRIES))
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u(n, CROP_TRIES))
+    w, h = torch.round((area * aspect).sqrt()), torch.round((area / aspect).sqrt())
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = torch.where(fits.any(1), fits.double().argmax(1), torch.full((n,), -1, device=device))
+    take = first.clamp(min=0)[:, None]
+    w, h = w.gather(1, take)[:, 0], h.gather(1, take)[:, 0]
+    H, W = H[:, 0], W[:, 0]
+    i = torch.floor(u(n) * (H - h + 1))
+    j = torch.floor(u(n) * (W - w + 1))
+    # fallback: centre crop, aspect clamped into [ratio[0], ratio[1]]
+    in_ratio = W / H
+    fw = torch.where(in_ratio < ratio[0], W, torch.where(in_ratio > ratio[1], torch.round(H * ratio[1]), W))
+    fh = torch.where(in_ratio < ratio[0], torch.round(W / ratio[0]), H)
+    fall = first < 0
+    h, w = torch.where(fall, fh, h), torch.where(fall, fw, w)
+    i = torch.where(fall, torch.div(H - h, 2, rounding_mode="floor"), i)
+    j = torch.where(fall, torch.div(W - w, 2, rounding_mode="floor"), j)
+    return torch.stack([i, j, h, w], 1).float()
+
+
 class AugmentBatch:
     """DomainBed's training augmentation on a uint8 batch, on its device, with per-sample parameters.
 
-    RandomResizedCrop (crop boxes resampled with ``roi_align``), horizontal flip, ColorJitter(0.3 x4)
-    and RandomGrayscale(0.1), drawn from ``generator``: the same distributions as the PIL pipeline,
-    except that a crop which does not fit shrinks to fit (torchvision retries) and the jitter order is
-    drawn per batch (torchvision: per image).
+    RandomResizedCrop, horizontal flip, ColorJitter(0.3 x4) and RandomGrayscale(0.1), drawn from
+    ``generator``. Crop boxes follow torchvision's rule (``crop_params``, retries included) on each
+    image's ORIGINAL size when ``original_sizes`` ((height, width) per image of the batch; the store
+    records them) is given, mapped onto the stored (resized) copy and resampled with ``roi_align``;
+    without it, on the stored size. The jitter order is drawn per batch (torchvision: per image).
     """
 
     def __init__(self, resolution: int):
         self.resolution = resolution
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def boxes(self, x: torch.Tensor, generator: torch.Generator | None = None,
+              original_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """roi_align boxes (index, x0, y0, x1, y1) on the stored copy of each image of the batch."""
         n, _, h, w = x.shape
+        if original_sizes is not None:
+            orig = original_sizes.to(x.device).double()
+        else:
+            orig = torch.tensor([[h, w]], device=x.device, dtype=torch.float64).expand(n, 2)
+        i, j, ch, cw = crop_params(orig[:, 0], orig[:, 1], generator).double().unbind(1)
+        sy, sx = h / orig[:, 0], w / orig[:, 1]  # original pixels -> stored pixels
+        return torch.stack([torch.arange(n, device=x.device, dtype=torch.float64), j * sx, i * sy, (j + cw) * sx,
+                            (i + ch) * sy], 1).to(torch.float32)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                 original_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        n = len(x)
         u = lambda: torch.rand(n, generator=generator, device=x.device)  # noqa: E731
+        boxes = self.boxes(x, generator, original_sizes)
         x = x.float().div(255)
-        area = h * w * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u())
-        log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
-        ratio = torch.exp(log_lo + (log_hi - log_lo) * u())
-        cw, ch = (area * ratio).sqrt().clamp(max=w), (area / ratio).sqrt().clamp(max=h)
-        x0, y0 = u() * (w - cw), u() * (h - ch)
-        boxes = torch.stack([torch.arange(n, device=x.device, dtype=x.dtype), x0, y0, x0 + cw, y0 + ch], 1)
         x = roi_align(x, boxes, (self.resolution, self.resolution), spatial_scale=1.0, sampling_ratio=2, aligned=True)
         x = torch.where((u() < 0.5)[:, None, None, None], x.flip(-1), x)
         factors = [1 - JITTER + 2 * JITTER * u() for _ in range(3)] + [JITTER * (2 * u() - 1)]
@@ -165,13 +209,36 @@ class ImageFolderDataset(MultiDomainDataset):
             with open(tmp, "wb") as f:
                 np.save(f, images.numpy())
             os.replace(tmp, path)
+        originals = self._original_sizes(paths, path.with_name(path.stem + "_sizes.npy"))
         start, envs = 0, []
         for env in samples:
             labels = torch.tensor([y for _, y in env], dtype=torch.long)
-            envs.append(TensorDataset(images[start:start + len(env)], labels))
+            stored = TensorDataset(images[start:start + len(env)], labels)
+            stored.original_sizes = originals[start:start + len(env)]  # crops are drawn on these (AugmentBatch)
+            envs.append(stored)
             start += len(env)
         self.envs, self.stored = envs, True
         return path
+
+    @staticmethod
+    def _original_sizes(paths: list[str], cache: Path) -> torch.Tensor:
+        """(height, width) of every image file, from its header (cached beside the store)."""
+        if cache.exists():
+            sizes = torch.from_numpy(np.load(cache))
+            if len(sizes) == len(paths):
+                return sizes
+        from PIL import Image
+
+        hw = []
+        for p in paths:
+            with Image.open(p) as im:
+                hw.append((im.height, im.width))
+        sizes = torch.tensor(hw, dtype=torch.int64).reshape(-1, 2)
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.save(f, sizes.numpy())
+        os.replace(tmp, cache)
+        return sizes
 
     def batch_transform(self, augment: bool):
         """Batched, on-device equivalent of the per-image transform, for a stored dataset (else None)."""

@@ -82,12 +82,17 @@ def seeded_generator(device: torch.device | str, *key) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed_hash(*key))
 
 
-def _finish(x: torch.Tensor, transform: Callable | None, device, pin_memory: bool, generator_key) -> torch.Tensor:
-    """Copy a tensor batch to ``device`` (uint8 when stored: 4x fewer bytes) and apply the batch transform."""
+def _finish(x: torch.Tensor, transform: Callable | None, device, pin_memory: bool, generator_key,
+            original_sizes: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy a tensor batch to ``device`` (uint8 when stored: 4x fewer bytes) and apply the batch transform
+    (with the images' original (height, width) when the store knows them: crops are drawn on those)."""
     if pin_memory and x.device.type == "cpu":
         x = x.pin_memory()
     x = x.to(device, non_blocking=True)
-    return transform(x, seeded_generator(x.device, *generator_key)) if transform is not None else x
+    if transform is None:
+        return x
+    generator = seeded_generator(x.device, *generator_key)
+    return transform(x, generator) if original_sizes is None else transform(x, generator, original_sizes)
 
 
 def training_batches(
@@ -104,19 +109,23 @@ def training_batches(
     views = [s.tensor_view() if isinstance(s, SplitDataset) else None for s in splits]
     if all(v is not None for v in views):
         transforms = [s.batch_transform for s in splits]
-        return _tensor_batches(views, transforms, sizes, batch_size, seed, start_step, rank, world, device, pin_memory)
+        originals = [getattr(s.dataset, "original_sizes", None) for s in splits]
+        return _tensor_batches(views, transforms, sizes, batch_size, seed, start_step, rank, world, device, pin_memory,
+                               originals)
     if per_domain_loaders:
         return _per_domain_batches(splits, sizes, batch_size, seed, start_step, num_workers, pin_memory, rank, world)
     return _loader_batches(splits, sizes, batch_size, seed, start_step, num_workers, pin_memory, rank, world)
 
 
-def _tensor_batches(views, transforms, sizes, batch_size, seed, step, rank, world, device, pin_memory):
+def _tensor_batches(views, transforms, sizes, batch_size, seed, step, rank, world, device, pin_memory, originals=None):
+    originals = originals or [None] * len(views)
     while True:
         idx = step_indices(sizes, batch_size, seed, step, rank, world)
         batch = []
-        for domain, ((x, y, rows), i, tf) in enumerate(zip(views, idx, transforms)):
+        for domain, ((x, y, rows), i, tf, orig) in enumerate(zip(views, idx, transforms, originals)):
             r = rows[i]
-            xb = _finish(x[r.to(x.device)], tf, device, pin_memory, (seed, domain, step, "augment"))
+            xb = _finish(x[r.to(x.device)], tf, device, pin_memory, (seed, domain, step, "augment"),
+                         None if orig is None else orig[r])
             batch.append((xb, y[r.to(y.device)]))
         yield batch
         step += 1

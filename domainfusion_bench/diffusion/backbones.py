@@ -5,11 +5,15 @@ A ``Backbone`` is the frozen "model" part of a diffusers pipeline, with the data
 - ``encode(x) / decode(z)``: images in [0, 1] (the dataset's channels) <-> the denoiser's space
   (identity up to scale and resolution for pixel models, the VAE for latent models). Both are plain
   differentiable functions (DomainFusion back-propagates through ``encode``).
-- ``eps(z_t, t, condition)``: the noise prediction.
-- ``alphas_cumprod`` (the alpha-bar table), ``add_noise``, ``num_train_timesteps`` and
-  ``inference_scheduler()`` (a fresh diffusers DDIMScheduler for samplers).
+- ``eps(z_t, t, condition)``: always the noise. Whatever the network predicts (``prediction_type``:
+  ``epsilon``, ``v_prediction`` or ``sample`` = x0, as in diffusers' scheduler configs) is converted by
+  ``to_eps`` before a sampler or a guidance term sees it.
+- ``alphas_cumprod`` (the alpha-bar table), ``abar(t)`` (broadcastable against latents), ``add_noise``,
+  ``x0_from_eps`` / ``eps_from_x0`` / ``eps_from_v``, ``num_train_timesteps`` and
+  ``inference_scheduler()`` (a fresh diffusers DDIMScheduler for samplers, told that it gets eps).
 - ``condition(class_ids, domains, prompts, extra)``: a ``Condition`` from class ids, domain ids or a
-  weighted mix of domains, prompts (text models), and an optional extra vector. It runs the leakage guard.
+  weighted mix of domains, prompts (text models), and an optional extra vector (kept on its device and
+  in the autograd graph, so a trainable feature encoder can feed it). It runs the leakage guard.
 - ``seen_domains``: the dataset domains whose images trained it (empty for a web-pretrained model);
   ``restrict(held_out)`` installs a run's ``LeakageGuard`` and refuses a backbone that saw a held-out domain.
 
@@ -59,7 +63,8 @@ def parameters_digest(*modules: nn.Module) -> str:
 
 
 class Backbone:
-    """Base class; subclasses implement ``encode``, ``decode``, ``_eps`` and ``_embed``."""
+    """Base class; subclasses implement ``encode``, ``decode``, ``_predict`` (the network's raw output,
+    of type ``prediction_type``) and ``_embed``."""
 
     kind = "backbone"
 
@@ -89,23 +94,64 @@ class Backbone:
     def num_train_timesteps(self) -> int:
         return int(self.train_scheduler.config.num_train_timesteps)
 
+    def abar(self, t: torch.Tensor | int, dims: int | None = None) -> torch.Tensor:
+        """alpha-bar at timesteps ``t`` (an int or [B]) as [B, 1, ..., 1] with ``dims`` dimensions in all
+        (default: a latent batch's, 1 + len(latent_shape())), on the backbone's device."""
+        t = torch.as_tensor(t, device=self.device).long().reshape(-1)
+        dims = 1 + len(self.latent_shape()) if dims is None else dims
+        return self.alphas_cumprod[t].view(-1, *[1] * (dims - 1))
+
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        abar = self.alphas_cumprod[t.to(self.device).long()].view(-1, *[1] * (z0.dim() - 1))
+        abar = self.abar(t, z0.dim())
         return abar.sqrt() * z0 + (1 - abar).sqrt() * noise
 
+    def x0_from_eps(self, z_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        abar = self.abar(t, z_t.dim())
+        return (z_t.float() - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+    def eps_from_x0(self, z_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        abar = self.abar(t, z_t.dim())
+        return (z_t.float() - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+    def eps_from_v(self, z_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        # v = sqrt(abar) eps - sqrt(1 - abar) x0 and z_t = sqrt(abar) x0 + sqrt(1 - abar) eps
+        abar = self.abar(t, z_t.dim())
+        return abar.sqrt() * v + (1 - abar).sqrt() * z_t.float()
+
+    @property
+    def prediction_type(self) -> str:
+        """What the network outputs, in diffusers' terms: epsilon | v_prediction | sample."""
+        return str(self.train_scheduler.config.get("prediction_type", "epsilon"))
+
+    def to_eps(self, out: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The one place a network's raw output becomes the noise."""
+        kind = self.prediction_type
+        if kind == "epsilon":
+            return out
+        if kind == "sample":
+            return self.eps_from_x0(z_t, out, t)
+        if kind == "v_prediction":
+            return self.eps_from_v(z_t, out, t)
+        raise DfbenchError(f"{self.kind} backbone: unknown prediction_type {kind!r} (epsilon, v_prediction or sample)")
+
     def inference_scheduler(self):
-        """A fresh DDIM scheduler on this backbone's noise schedule (schedulers are stateful)."""
+        """A fresh DDIM scheduler on this backbone's noise schedule (schedulers are stateful). It is told
+        ``prediction_type="epsilon"`` because samplers hand it ``eps`` (already converted)."""
         from diffusers import DDIMScheduler
 
-        return DDIMScheduler.from_config(self.train_scheduler.config, **self.ddim_overrides())
+        # set_alpha_to_one: the last step lands on alpha-bar 1, so the final latent is the clean x0 prediction
+        return DDIMScheduler.from_config(self.train_scheduler.config, **{**self.ddim_overrides(),
+                                                                         "prediction_type": "epsilon",
+                                                                         "set_alpha_to_one": True})
 
     def ddim_overrides(self) -> dict[str, Any]:
         return {}
 
     # --- leakage guard --------------------------------------------------------------------------
-    def restrict(self, held_out, allow_condition: bool = False) -> "Backbone":
-        """Install a run's guard: held-out domains may never be conditioned on (unless oracle) or started from."""
-        guard = LeakageGuard(self.dataset, self.domains, held_out, allow_condition)
+    def restrict(self, held_out, allow_condition: bool = False, few_shot_target: int = 0) -> "Backbone":
+        """Install a run's guard: held-out domains may never be conditioned on (unless oracle) or started from
+        (``few_shot_target``: see ``LeakageGuard``)."""
+        guard = LeakageGuard(self.dataset, self.domains, held_out, allow_condition, few_shot_target)
         guard.check_seen(self.seen_domains, f"the {self.kind} backbone {self.key[:12]}")
         self.guard = guard
         return self
@@ -124,10 +170,15 @@ class Backbone:
             raise DfbenchError(f"class ids must be in -1..{len(self.classes) - 1}, got {class_ids.tolist()}")
         weights = domain_weights(domains, n, len(self.domains))
         self.guard.check_condition(weights)
-        if prompts is not None and len(prompts) != n:
-            raise DfbenchError(f"got {len(prompts)} prompts for a batch of {n}")
+        if prompts is not None:
+            if len(prompts) != n:
+                raise DfbenchError(f"got {len(prompts)} prompts for a batch of {n}")
+            self.guard.check_text(prompts, "a prompt")
+        if extra is not None and (extra.dim() != 2 or len(extra) != n):
+            raise DfbenchError(f"extra condition must be [batch, features] = [{n}, E], got {tuple(extra.shape)}")
+        # extra stays in the autograd graph (a trainable encoder may produce it); .to() below keeps the graph
         cond = Condition(class_ids, weights, list(prompts) if prompts is not None else None,
-                         extra=None if extra is None else extra.detach().float().cpu())
+                         extra=None if extra is None else extra.float())
         return self._embed(cond).to(self.device)
 
     def null_condition(self, n: int) -> Condition:
@@ -150,12 +201,13 @@ class Backbone:
         raise NotImplementedError
 
     def eps(self, z_t: torch.Tensor, t: torch.Tensor | int, cond: Condition) -> torch.Tensor:
+        """The predicted noise at ``z_t`` (float32), whatever the network's prediction type."""
         t = torch.as_tensor(t, device=z_t.device)
         if t.dim() == 0:
             t = t.expand(len(z_t))
-        return self._eps(z_t, t, cond).float()
+        return self.to_eps(self._predict(z_t, t, cond).float(), z_t, t)
 
-    def _eps(self, z_t, t, cond) -> torch.Tensor:
+    def _predict(self, z_t, t, cond) -> torch.Tensor:
         raise NotImplementedError
 
     def modules(self) -> dict[str, nn.Module]:
@@ -167,11 +219,22 @@ class Backbone:
             m.to(self.device)
         return self
 
-    def eval(self) -> "Backbone":
+    def eval(self, freeze: bool = True, trainable_extra: bool = False) -> "Backbone":
+        """Eval mode; ``freeze`` turns off the backbone's own parameters' gradients (inputs such as ``z_t``,
+        images given to ``encode`` and ``Condition.extra`` still get theirs). ``trainable_extra`` keeps the
+        extra-condition projection (``extra_parameters()``) trainable, e.g. for DiTi's feature conditioning."""
         for m in self.modules().values():
             m.eval()
-            m.requires_grad_(False)
+            if freeze:
+                m.requires_grad_(False)
+        if trainable_extra:
+            for p in self.extra_parameters():
+                p.requires_grad_(True)
         return self
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Parameters that map ``Condition.extra`` into the model (none if it takes no extra)."""
+        return []
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "key": self.key, "dataset": self.dataset,
@@ -317,12 +380,15 @@ class PixelDDPMBackbone(Backbone):
     def decode(self, z):
         return ((z.float() + 1) / 2).clamp(0, 1)
 
-    def _eps(self, z_t, t, cond):
-        out = self.model(z_t, t, cond.class_ids, cond.domain_weights, cond.extra).float()
-        if self.config.prediction == "epsilon":
-            return out
-        abar = self.alphas_cumprod[t.long()].view(-1, *[1] * (z_t.dim() - 1))
-        return (z_t.float() - abar.sqrt() * out) / (1 - abar).sqrt()
+    @property
+    def prediction_type(self) -> str:
+        return self.config.prediction
+
+    def extra_parameters(self):
+        return [] if self.model.cond.extra is None else list(self.model.cond.extra.parameters())
+
+    def _predict(self, z_t, t, cond):
+        return self.model(z_t, t, cond.class_ids, cond.domain_weights, cond.extra)
 
     # --- persistence: a diffusers-style folder -------------------------------------------------
     def save(self, path: Path) -> None:
@@ -388,8 +454,13 @@ class StableDiffusionBackbone(Backbone):
             m.to(dtype)
         self.eval()
 
+    # SD's DDIM timesteps are 1 + multiples of T/steps (steps_offset 1, as its pipelines use). The last step
+    # goes to alpha-bar 1 (set_alpha_to_one): the final latent is the clean x0 prediction, not x0 re-noised
+    # to alpha-bar_0 as SD's own scheduler config would leave it.
+    NUMERICS = 2  # part of the key: bump when what the same weights generate changes (2: eps conversion, final x0)
+
     def ddim_overrides(self):
-        return {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+        return {"clip_sample": False, "steps_offset": 1}
 
     @classmethod
     def from_pretrained(cls, source: str, *, dataset: str, domains, classes, image_channels: int,
@@ -416,7 +487,7 @@ class StableDiffusionBackbone(Backbone):
             ) from None
         local = Path(source)
         ident = {"source": str(local.resolve()) if local.exists() else source, "revision": revision,
-                 "dtype": str(dtype), "resolution": resolution, "template": template}
+                 "dtype": str(dtype), "resolution": resolution, "template": template, "numerics": cls.NUMERICS}
         if local.exists():  # a folder's content may change: key on its config files and weight sizes/mtimes
             ident["files"] = sorted((str(p.relative_to(local)), p.stat().st_size, int(p.stat().st_mtime))
                                     for p in local.rglob("*") if p.is_file())
@@ -428,7 +499,7 @@ class StableDiffusionBackbone(Backbone):
     @classmethod
     def from_components(cls, unet, vae, text_encoder, tokenizer, scheduler, **kw) -> "StableDiffusionBackbone":
         """From in-memory components (tests, tiny models); the key is a hash of their weights."""
-        key = parameters_digest(unet, vae, text_encoder)
+        key = hashlib.sha256(f"{parameters_digest(unet, vae, text_encoder)}|numerics={cls.NUMERICS}".encode()).hexdigest()
         return cls(unet, vae, text_encoder, tokenizer, scheduler, key=key, **kw)
 
     def modules(self):
@@ -491,7 +562,7 @@ class StableDiffusionBackbone(Backbone):
         cond.meta["prompts"] = prompts
         return cond
 
-    def _eps(self, z_t, t, cond):
+    def _predict(self, z_t, t, cond):
         if cond.embedding is None:
             raise DfbenchError("a Stable Diffusion condition needs text states: build it with backbone.condition(...)")
         return self.unet(z_t.to(self.dtype), t, encoder_hidden_states=cond.embedding.to(self.dtype)).sample

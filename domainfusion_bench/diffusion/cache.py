@@ -9,7 +9,13 @@ domains it depends on, who made it.
 Cost: an image made by this call is charged to the caller as ``generated_images``/``nfe``/
 ``generation_seconds``; an image found in the cache is reported with its original cost under the same
 names *and* under ``reused_*``, so a table can show what a result needed and what the run paid, and
-sums over runs can count every image once (subtract the reused part).
+sums over runs can count every image once (subtract the reused part). Guidance-term evaluations are
+charged likewise as ``guidance_evals`` / ``reused_guidance_evals`` (only when a sampler has terms).
+
+Concurrency: images are made in chunks, each under its own file lock named after the chunk's keys. Two
+runs asking for different images generate at the same time; two runs asking for the same ones make them
+once (the second waits on the lock, then finds them in the manifest). Speed-only settings (the sampler's
+``batch_size``) are not part of any key.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ class GenerationStats:
     reused_images: int = 0
     reused_nfe: float = 0.0
     reused_seconds: float = 0.0
+    made_guidance_evals: float = 0.0
+    reused_guidance_evals: float = 0.0
 
     def charge(self, costs) -> None:
         """Add to a CostMeter: totals under generated_images/nfe/generation_seconds, cache hits also as reused_*."""
@@ -63,6 +71,9 @@ class GenerationStats:
         costs.add("reused_generated_images", self.reused_images)
         costs.add("reused_nfe", self.reused_nfe)
         costs.add("reused_generation_seconds", self.reused_seconds)
+        if self.made_guidance_evals or self.reused_guidance_evals:  # samplers without terms keep their records as before
+            costs.add("guidance_evals", self.made_guidance_evals + self.reused_guidance_evals)
+            costs.add("reused_guidance_evals", self.reused_guidance_evals)
 
     def as_dict(self) -> dict[str, float]:
         return dict(vars(self))
@@ -84,6 +95,29 @@ def image_digest(x: torch.Tensor) -> str:
 class GenerationCache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._entries: dict[str, dict[str, Any]] = {}  # manifest lines read so far (the file only grows)
+        self._offset = 0
+
+    def _read_new(self) -> dict[str, dict[str, Any]]:
+        """Entries appended to the manifest since the last read (complete lines only), merged into memory."""
+        path = self.root / MANIFEST
+        if not path.exists():
+            return self._entries
+        if path.stat().st_size < self._offset:  # replaced by a shorter file: start over
+            self._entries, self._offset = {}, 0
+        with open(path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        for line in data[:end].splitlines():
+            try:
+                entry = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(entry, dict) and "key" in entry and "file" in entry:
+                self._entries[entry["key"]] = entry
+        self._offset += end
+        return self._entries
 
     # --- storage ---------------------------------------------------------------------------------
     def image_path(self, key: str, channels: int) -> Path:
@@ -120,6 +154,9 @@ class GenerationCache:
         os.replace(tmp, path)
 
     def load_image(self, entry: dict[str, Any]) -> torch.Tensor:
+        return self.load_image_uint8(entry).float() / 255.0
+
+    def load_image_uint8(self, entry: dict[str, Any]) -> torch.Tensor:
         from PIL import Image
 
         path = self.root / entry["file"]
@@ -128,13 +165,16 @@ class GenerationCache:
             arr = arr[..., None] if arr.ndim == 2 else arr
         else:
             arr = np.load(path)
-        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
 
     def _append(self, entries: Sequence[dict[str, Any]]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         data = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode()
-        fd = os.open(self.root / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.root / MANIFEST, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a writer killed mid-line: do not glue onto it
+                data = b"\n" + data
             os.write(fd, data)
             os.fsync(fd)
         finally:
@@ -142,10 +182,12 @@ class GenerationCache:
 
     # --- generation --------------------------------------------------------------------------------
     def generate(self, sampler: DDIMSampler, requests: Sequence[Request], strength: float | None = None, *,
-                 made_by: str | None = None, progress: bool = True, desc: str = "generating") -> tuple[torch.Tensor, GenerationStats]:
+                 made_by: str | None = None, progress: bool = True, desc: str = "generating",
+                 keep_on_device: bool = False, uint8: bool = False) -> tuple[torch.Tensor, GenerationStats]:
         """Images for ``requests`` (img2img at ``strength``, or full sampling when it is None), reusing
-        cached ones. Returns ([N, C, H, W] in [0, 1] at the backbone's resolution, stats)."""
-        from filelock import FileLock
+        cached ones. Returns ([N, C, H, W] in [0, 1] at the backbone's resolution, on CPU or, with
+        ``keep_on_device``, on the backbone's device; stats). ``uint8``: the images as stored (uint8 0..255),
+        which is how training pools keep them: a float copy of every generation is 4x the memory."""
         from tqdm.auto import tqdm
 
         backbone = sampler.backbone
@@ -155,6 +197,7 @@ class GenerationCache:
             raise DfbenchError("img2img requests need a source image and its source domain")
         if img2img:
             guard.check_sources({r.source_domain for r in requests})
+        guard.check_text([r.prompt for r in requests], "a request's prompt")
         stats = GenerationStats()
         if not requests:
             return torch.zeros(0, backbone.image_channels, backbone.resolution, backbone.resolution), stats
@@ -162,51 +205,53 @@ class GenerationCache:
                                   prompts=[r.prompt for r in requests] if any(r.prompt for r in requests) else None)
         sampler_key = sampler.key(strength if img2img else None)
         sources = [image_digest(r.source) if img2img else None for r in requests]
-        keys: list[str | None] = []
-        for i, r in enumerate(requests):
-            if sampler_key is None:
-                keys.append(None)
-                continue
-            ident = {"backbone": backbone.key, "dataset": backbone.dataset, "sampler": sampler_key,
-                     "source": sources[i], "condition": cond.describe(i), "seed": int(r.seed),
-                     "prompt": cond.meta.get("prompts", [None] * len(requests))[i]}
-            keys.append(_digest(ident))
+        keys = self._keys(backbone, sampler_key, requests, cond, sources)
 
         results: list[torch.Tensor | None] = [None] * len(requests)
-        entries = self.manifest()
 
-        def take_hits(entries):
-            for i, k in enumerate(keys):
-                if results[i] is None and k is not None and k in entries:
+        def take_hits(indices):
+            entries = self._read_new()
+            for i in indices:
+                k = keys[i]
+                if results[i] is None and k is not None and k in entries and (self.root / entries[k]["file"]).exists():
                     entry = entries[k]
                     guard.check_seen(entry["backbone_seen"] + ([entry["source_domain"]] if entry["source_domain"] is not None else []),
                                      f"cached image {k[:12]}")
                     if not guard.allow_condition:
                         guard.check_seen(entry["condition_domains"], f"cached image {k[:12]} (its condition)")
-                    results[i] = self.load_image(entry)
+                    results[i] = self.load_image_uint8(entry)
                     if made_by is not None and entry.get("made_by") == made_by:
                         # made by this very caller before it was interrupted: its own cost, not reuse
                         stats.made_images += 1
                         stats.made_nfe += entry["nfe"]
                         stats.made_seconds += entry["seconds"]
+                        stats.made_guidance_evals += entry.get("guidance_evals", 0)
                     else:
                         stats.reused_images += 1
                         stats.reused_nfe += entry["nfe"]
                         stats.reused_seconds += entry["seconds"]
+                        stats.reused_guidance_evals += entry.get("guidance_evals", 0)
 
-        take_hits(entries)
-        if all(r is not None for r in results):
-            return torch.stack(results), stats
+        def finish():
+            out = torch.stack(results)
+            out = out if uint8 else out.float() / 255.0
+            return (out.to(backbone.device) if keep_on_device else out), stats
+
+        take_hits(range(len(requests)))
+        todo = [i for i, r in enumerate(results) if r is None]
+        if not todo:
+            return finish()
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "locks").mkdir(exist_ok=True)
-        with FileLock(str(self.root / "locks" / f"{backbone.key[:16]}.lock")):
-            take_hits(self.manifest())  # another process may have made some while we waited
-            todo = [i for i, r in enumerate(results) if r is None]
-            bar = tqdm(total=len(todo), desc=desc, disable=not progress, mininterval=1.0, dynamic_ncols=True,
-                       unit="img")
-            chunk = max(1, sampler.config.batch_size)
-            for start in range(0, len(todo), chunk):
-                idx = todo[start:start + chunk]
+        bar = tqdm(total=len(todo), desc=desc, disable=not progress, mininterval=1.0, dynamic_ncols=True, unit="img")
+        chunk = max(1, sampler.config.batch_size)
+        for start in range(0, len(todo), chunk):
+            chunk_idx = todo[start:start + chunk]
+            with self._chunk_lock([keys[i] for i in chunk_idx]):
+                take_hits(chunk_idx)  # another process may have made some while we waited
+                idx = [i for i in chunk_idx if results[i] is None]
+                if not idx:
+                    bar.update(len(chunk_idx))
+                    continue
                 sub = cond.select(idx)
                 seeds = [requests[i].seed for i in idx]
                 if img2img:
@@ -218,10 +263,11 @@ class GenerationCache:
                 per_image = out.seconds / len(idx)
                 new_entries = []
                 for j, i in enumerate(idx):
-                    results[i] = q[j].float() / 255.0
+                    results[i] = q[j].cpu()
                     stats.made_images += 1
                     stats.made_nfe += out.nfe[j]
                     stats.made_seconds += per_image
+                    stats.made_guidance_evals += out.guidance_evals[j]
                     if keys[i] is None:
                         continue
                     path = self.image_path(keys[i], q.shape[1])
@@ -236,12 +282,43 @@ class GenerationCache:
                         "condition": sub.describe(j, backbone.domains, backbone.classes),
                         "condition_domains": sorted(int(d) for d in r.domains if r.domains[d] > 0),
                         "sampler": sampler_key, "seed": int(r.seed), "nfe": out.nfe[j], "seconds": per_image,
+                        "guidance_evals": out.guidance_evals[j],
                         "made_by": made_by, "created": time.time(),
                     })
                 self._append(new_entries)
-                bar.update(len(idx))
-            bar.close()
-        return torch.stack(results), stats
+            bar.update(len(chunk_idx))
+        bar.close()
+        return finish()
+
+    @staticmethod
+    def _keys(backbone, sampler_key, requests, cond, sources) -> list[str | None]:
+        if sampler_key is None:
+            return [None] * len(requests)
+        prompts = cond.meta.get("prompts", [None] * len(requests))
+        return [_digest({"backbone": backbone.key, "dataset": backbone.dataset, "sampler": sampler_key,
+                         "source": sources[i], "condition": cond.describe(i), "seed": int(r.seed), "prompt": prompts[i]})
+                for i, r in enumerate(requests)]
+
+    def keys(self, sampler: DDIMSampler, requests: Sequence[Request], strength: float | None = None) -> list[str | None]:
+        """The cache key of each request (None: uncacheable), as ``generate`` computes them."""
+        backbone = sampler.backbone
+        cond = backbone.condition([r.class_id for r in requests], [r.domains for r in requests],
+                                  prompts=[r.prompt for r in requests] if any(r.prompt for r in requests) else None)
+        sources = [image_digest(r.source) if strength is not None else None for r in requests]
+        return self._keys(backbone, sampler.key(strength), requests, cond, sources)
+
+    def _chunk_lock(self, keys: Sequence[str | None]):
+        """A file lock named after a chunk's keys (uncacheable images need none)."""
+        import contextlib
+
+        from filelock import FileLock
+
+        real = sorted(k for k in keys if k is not None)
+        if not real:
+            return contextlib.nullcontext()
+        name = _digest(real)[:24]
+        (self.root / "locks" / name[:2]).mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.root / "locks" / name[:2] / f"{name}.lock"))
 
     def img2img(self, sampler, requests, strength: float, **kw):
         return self.generate(sampler, requests, strength, **kw)

@@ -7,11 +7,15 @@ features). Backbones build conditions with ``Backbone.condition(...)``, which ru
 
 The ``LeakageGuard`` knows the held-out domains of a run. Anything that would train on, condition on or
 start from one of them raises ``DfbenchError``; only oracle variants (``allow_condition=True``) may
-condition on a held-out domain, and nothing may train on or start from one.
+condition on a held-out domain, and nothing may train on or start from one. Raw text (prompts) that
+names a held-out domain or quotes its description is refused like a condition on it. The one labelled
+exception is the few-shot-target track (``few_shot_target=k``): up to k *unlabelled* held-out images may
+be used (``check_target_images``), recorded in ``describe()``; everything else is still refused.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -49,6 +53,12 @@ DOMAIN_DESCRIPTIONS: dict[str, dict[str, str]] = {
         "sketch": "a pencil sketch",
     },
     "DigitStyles": {
+        "poster": "flat-colour filled strokes, light on dark or dark on light",
+        "crayon": "dark strokes hatched in two colours on grainy paper",
+        "stencil": "an outline on a ground with wide soft stripes",
+        "chalk": "grainy light strokes on a speckled dark board",
+    },
+    "DigitStyles-v1": {
         "plain": "grey strokes on a black background",
         "inverted": "dark strokes on a coloured background",
         "painted": "strokes painted with a striped texture on paper",
@@ -62,6 +72,7 @@ DOMAIN_DESCRIPTIONS: dict[str, dict[str, str]] = {
 # How a class name reads in a prompt, per dataset (default: the class folder name, underscores as spaces).
 CLASS_TEMPLATES: dict[str, str] = {
     "DigitStyles": "handwritten digit {}",
+    "DigitStyles-v1": "handwritten digit {}",
     "RotatedDigits": "handwritten digit {}",
     "RotatedMNIST": "handwritten digit {}",
 }
@@ -78,11 +89,16 @@ def class_phrase(dataset: str, class_name: str) -> str:
 class LeakageGuard:
     """The held-out domains of one run, and the checks every generative step goes through."""
 
-    def __init__(self, dataset: str, domains: Sequence[str], held_out: Iterable[int] = (), allow_condition: bool = False):
+    def __init__(self, dataset: str, domains: Sequence[str], held_out: Iterable[int] = (), allow_condition: bool = False,
+                 few_shot_target: int = 0):
         self.dataset = dataset
         self.domains = list(domains)
         self.held_out = frozenset(int(d) for d in held_out)
         self.allow_condition = allow_condition  # oracle variants only (e.g. CDGA*)
+        if int(few_shot_target) < 0:
+            raise DfbenchError(f"few_shot_target must be >= 0 (0 = no held-out images at all), got {few_shot_target}")
+        self.few_shot_target = int(few_shot_target)  # TGDP's few-shot track: k unlabelled held-out images
+        self.target_images_used = 0
 
     def _names(self, indices: Iterable[int]) -> str:
         return ", ".join(f"{self.domains[i]!r} (index {i})" for i in sorted(indices))
@@ -117,8 +133,59 @@ class LeakageGuard:
         if bad:
             self._fail(f"use {what}, which saw", bad, " It was made with that domain's data; use one made without it.")
 
+    def held_out_phrases(self) -> dict[int, list[str]]:
+        """Per held-out domain, the texts that name it: its name (with '_' as ' '; purely numeric names such
+        as RotatedMNIST's '15' are too ambiguous in a prompt and are covered by their description) and its
+        description from DOMAIN_DESCRIPTIONS."""
+        out = {}
+        for d in sorted(self.held_out):
+            name = self.domains[d]
+            phrases = {p for p in (name, name.replace("_", " ")) if re.search("[a-zA-Z]", p)}
+            if self.dataset in DOMAIN_DESCRIPTIONS and name in DOMAIN_DESCRIPTIONS[self.dataset]:
+                phrases.add(DOMAIN_DESCRIPTIONS[self.dataset][name])
+            out[d] = sorted(phrases)
+        return out
+
+    def check_text(self, texts: Iterable[str | None], what: str = "a prompt") -> None:
+        """Refuse text naming a held-out domain (case-insensitive, whole words); oracle variants may."""
+        if self.allow_condition or not self.held_out:
+            return
+        phrases = self.held_out_phrases()
+        for text in texts:
+            if not text:
+                continue
+            for d, names in phrases.items():
+                for name in names:
+                    if re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, flags=re.IGNORECASE):
+                        raise DfbenchError(
+                            f"leakage guard: {what} names held-out domain {self._names([d])} of {self.dataset}: "
+                            f"{text!r} contains {name!r}. Prompts may describe training domains only "
+                            "(only oracle variants may condition on a held-out domain)."
+                        )
+
+    def check_target_images(self, n_images: int, labelled: bool) -> None:
+        """Allow ``n_images`` more held-out images for the explicit few-shot-target track: unlabelled only,
+        at most ``few_shot_target`` in all over this guard's life. Anything else is refused."""
+        if not self.held_out:
+            raise DfbenchError("check_target_images: this run holds out no domain; there is no target to take images from")
+        if self.few_shot_target <= 0:
+            self._fail("use images of", self.held_out,
+                       " Only the few-shot-target track (few_shot_target=k) may see k unlabelled held-out images.")
+        if labelled:
+            self._fail("use labels of", self.held_out,
+                       f" The few-shot-target track (k={self.few_shot_target}) allows unlabelled images only.")
+        if n_images < 0 or self.target_images_used + n_images > self.few_shot_target:
+            raise DfbenchError(
+                f"leakage guard: {self.target_images_used} + {n_images} held-out images exceeds the few-shot-target "
+                f"budget k={self.few_shot_target} for {self.dataset} (held out: {sorted(self.held_out)})."
+            )
+        self.target_images_used += int(n_images)
+
     def describe(self) -> dict[str, Any]:
-        return {"held_out": sorted(self.held_out), "oracle": self.allow_condition}
+        out = {"held_out": sorted(self.held_out), "oracle": self.allow_condition}
+        if self.few_shot_target:
+            out.update(few_shot_target=self.few_shot_target, target_images_used=self.target_images_used)
+        return out
 
 
 def domain_weights(spec: Any, batch: int, n_domains: int) -> torch.Tensor:

@@ -17,8 +17,10 @@ from domainfusion_bench.protocol import HOLDOUT_FRACTION
 def build_backbone(spec: str, *, dataset, train_envs: Sequence[int], test_envs: Sequence[int],
                    cache_dir: str | Path | None = None, store=None, device: str | torch.device = "cpu", trial_seed: int = 0, holdout_fraction: float = HOLDOUT_FRACTION,
                    costs=None, ddpm_steps: int | None = None, ddpm_overrides: dict | None = None,
-                   oracle: bool = False, progress: bool = True, made_by: str | None = None) -> Backbone:
-    """A backbone with the run's leakage guard installed (``oracle``: may condition on held-out domains)."""
+                   oracle: bool = False, progress: bool = True, made_by: str | None = None,
+                   few_shot_target: int = 0) -> Backbone:
+    """A backbone with the run's leakage guard installed (``oracle``: may condition on held-out domains;
+    ``few_shot_target``: the labelled few-shot-target track may use that many unlabelled held-out images)."""
     parsed = BackboneSpec.parse(spec)
     if parsed.kind == "pixel_ddpm":
         config = default_config(dataset, steps=ddpm_steps, **(ddpm_overrides or {}))
@@ -26,7 +28,7 @@ def build_backbone(spec: str, *, dataset, train_envs: Sequence[int], test_envs: 
                                    holdout_fraction=holdout_fraction, config=config, cache_dir=cache_dir,
                                    store=store, device=device, progress=progress, costs=costs, allow_condition_on_held_out=oracle,
                                    made_by=made_by)
-        return trained.backbone
+        return trained.backbone.restrict(test_envs, allow_condition=oracle, few_shot_target=few_shot_target)
     common = dict(dataset=dataset.name, domains=dataset.domains, classes=dataset.classes,
                   image_channels=int(dataset.input_shape[0]))
     if parsed.source == "tiny":
@@ -36,7 +38,7 @@ def build_backbone(spec: str, *, dataset, train_envs: Sequence[int], test_envs: 
     else:
         dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
         backbone = StableDiffusionBackbone.from_pretrained(parsed.source, dtype=dtype, **common)
-    return backbone.to(device).restrict(test_envs, allow_condition=oracle)
+    return backbone.to(device).restrict(test_envs, allow_condition=oracle, few_shot_target=few_shot_target)
 
 
 MODELS_SUBDIR = "models"  # <cache_dir>/models/<kind>/<key>/: the cached-model store (pixel DDPMs, helper models)

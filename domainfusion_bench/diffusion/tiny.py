@@ -74,3 +74,63 @@ def save_tiny_stable_diffusion(path: Path, seed: int = 0) -> Path:
         parts[name].save_pretrained(path / name)
     (path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0"}))
     return path
+
+
+class _Target(torch.nn.Module):
+    def __init__(self, target: torch.Tensor):
+        super().__init__()
+        self.register_buffer("target", target.float().clone())
+
+
+def oracle_backbone(target: torch.Tensor | None, prediction_type: str = "epsilon", *, shape=(3, 8, 8),
+                    dataset: str = "PACS", domains=("art_painting", "cartoon", "photo", "sketch"), classes=("a", "b", "c"),
+                    num_train_timesteps: int = 1000):
+    """A backbone that *is* the optimal denoiser of a known data distribution, for analytic tests:
+
+    - ``target`` a [C, H, W] latent: the one-image dataset x0 = target, so the noise prediction on
+      ``add_noise(target, n, t)`` is exactly ``n`` and DDIM from it must end at ``target``;
+    - ``target`` None: data x0 ~ N(0, I) of ``shape``, where E[eps | z_t] = sqrt(1 - abar) z_t (a
+      distribution that guidance can visibly reshape).
+
+    Images are ``(z + 1) / 2``. It outputs what ``prediction_type`` (epsilon | v_prediction | sample) says,
+    so it checks the conversions to eps too. No x0 clipping in its scheduler."""
+    from diffusers import DDPMScheduler
+
+    from domainfusion_bench.diffusion.backbones import Backbone
+
+    class OracleBackbone(Backbone):
+        kind = "oracle"
+
+        def __init__(self):
+            scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type,
+                                      clip_sample=False)
+            size = tuple(shape if target is None else target.shape)
+            super().__init__(dataset=dataset, domains=domains, classes=classes, image_channels=size[0],
+                             resolution=size[-1], scheduler=scheduler,
+                             key=f"oracle-{'gaussian' if target is None else 'point'}-{prediction_type}")
+            self.net = _Target(torch.zeros(size) if target is None else target)
+            self.gaussian = target is None
+
+        def modules(self):
+            return {"net": self.net}
+
+        def latent_shape(self):
+            return tuple(self.net.target.shape)
+
+        def encode(self, x):
+            return x.to(self.device).float() * 2 - 1
+
+        def decode(self, z):
+            return ((z.float() + 1) / 2).clamp(0, 1)
+
+        def _predict(self, z_t, t, cond):
+            abar = self.abar(t, z_t.dim())
+            if self.gaussian:
+                eps = (1 - abar).sqrt() * z_t.float()
+                x0 = abar.sqrt() * z_t.float()
+            else:
+                x0 = self.net.target.expand_as(z_t)
+                eps = (z_t.float() - abar.sqrt() * x0) / (1 - abar).sqrt()
+            return {"epsilon": eps, "sample": x0, "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * x0}[prediction_type]
+
+    return OracleBackbone().eval()

@@ -1,0 +1,364 @@
+"""Oracle-assisted guidance (Naderiparizi et al., ICML 2024) as a generation option of any generative method.
+
+``OracleGuided`` is a mixin for ``GenerativeAlgorithm`` subclasses (``class CDGAOG(OracleGuided, CDGA)``):
+
+- the oracle is a small CNN trained on the real training-domain in-splits only (a cached helper model;
+  its accuracy on the training-domain out-splits is recorded as ``metric_oracle_val_acc``). A generated
+  image is invalid when the oracle's probability of its intended class is below ``og_threshold``.
+- ``guidance_terms`` runs ``og_rounds`` rounds (``diffusion.oracle_guidance.run_rounds``): draw
+  ``og_samples_per_round`` images the way the method generates (``og_draw``), label them with the oracle,
+  train a time- and class-conditioned validity classifier C_k(z_t, t, y) with the class-prior-weighted
+  BCE, stack. With ``og_distill`` the stack is distilled into one classifier; the method's generation is
+  then guided by that one network (one extra evaluation per step) instead of the stack (K of them).
+- ``after_generation`` judges what the method generated for training: ``metric_invalid_rate``.
+  The rounds record ``metric_invalid_rate_base``, ``_round1``.. and ``_distilled``.
+
+Every network is a cached helper model keyed by everything its training data depends on (backbone,
+the method's generation settings, the oracle, the previous rounds): a rerun draws and trains nothing.
+Costs: ``oracle_classifier_train_seconds``, ``og_round_classifier_train_seconds``,
+``og_distilled_classifier_train_seconds`` (each also ``reused_...`` when cached), ``og_samples_drawn``
+(images drawn for labelling, also counted in ``generated_images``/``nfe``/``generation_seconds``) and
+``og_guidance_evals`` (classifier gradient evaluations spent while drawing).
+
+Our choices (the paper is about trajectories, not images of a DG benchmark): the oracle is a classifier
+of the intended class (not a hand-written constraint); the validity classifier sees the denoiser's input
+z_t and the class y, so one network serves all classes; rounds draw with the method's own generation
+(CDGA: img2img from in-split sources toward other training domains), so C learns the failures of the
+samples that will be used.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from domainfusion_bench.algorithms.base import register_algorithm
+from domainfusion_bench.algorithms.cdga import CDGA
+from domainfusion_bench.diffusion.backbones import Backbone, resize
+from domainfusion_bench.diffusion.oracle_guidance import (
+    ClassifierOracle,
+    ClassifierTrainConfig,
+    DistillConfig,
+    ImageValidityClassifier,
+    OracleGuidanceResult,
+    check_threshold,
+    run_rounds,
+)
+from domainfusion_bench.diffusion.samplers import GuidanceTerm
+from domainfusion_bench.diffusion.trainer import InSplitImages
+from domainfusion_bench.errors import DfbenchError
+from domainfusion_bench.protocol import seed_hash, split_indices
+
+ORACLE_KIND = "oracle_classifier"
+ROUND_KIND = "og_round_classifier"
+DISTILLED_KIND = "og_distilled_classifier"
+
+
+def oracle_hparams(space) -> None:
+    """What every generative method shares: judging its generations with the validity oracle."""
+    space.add("og_measure", True)  # judge every generated image: metric_invalid_rate in the records
+    space.add("og_threshold", 0.5)  # valid iff p_oracle(intended class) >= threshold
+    space.add("og_oracle_width", 16)
+    space.add("og_oracle_steps", 400)  # ~10-20 s on one core for DigitStyles
+    space.add("og_oracle_lr", 3e-3)
+
+
+def og_hparams(space) -> None:
+    """The og_ hyperparameters of guidance (defaults sized for DigitStyles on one CPU core)."""
+    oracle_hparams(space)
+    space.add("og_rounds", 2)  # 0 = no guidance (the generation is still judged by the oracle)
+    space.add("og_weight", 1.0, lambda r: float(r.choice([0.5, 1.0, 2.0])))  # w in eps - sqrt(1-abar) w grad log C
+    space.add("og_samples_per_round", 256)  # images drawn and labelled per round (and per measurement)
+    space.add("og_distill", True)  # guide the generation with one distilled network instead of the stack
+    space.add("og_classifier_width", 16)  # channels of the validity classifier's first stage
+    space.add("og_classifier_steps", 300)  # Adam steps per round classifier (and for the distilled one)
+    space.add("og_classifier_lr", 2e-3)
+    space.add("og_classifier_batch_size", 64)
+
+
+# ------------------------------------------------------------------------------------------------
+# The oracle classifier
+# ------------------------------------------------------------------------------------------------
+
+class OracleNet(nn.Module):
+    """A small CNN on images in [0, 1]: three conv stages (the last two stride 2), global pooling, linear."""
+
+    def __init__(self, channels: int, num_classes: int, width: int = 16):
+        super().__init__()
+        w = int(width)
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, w, 3, padding=1), nn.GroupNorm(min(8, w), w), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(min(8, 2 * w), 2 * w), nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(min(8, 2 * w), 2 * w), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(2 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x.float() * 2 - 1))
+
+
+def _images(dataset, env: int, indices: Sequence[int], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for i in indices:
+        x, y = dataset.envs[env][int(i)]
+        xs.append(resize(dataset.item_to_unit(x).unsqueeze(0), resolution))
+        ys.append(int(y))
+    return (torch.cat(xs) if xs else torch.zeros(0)), torch.tensor(ys, dtype=torch.long)
+
+
+def oracle_classifier(context, resolution: int, hparams: dict[str, Any], guard=None):
+    """The cached oracle (trained on the training domains' in-splits only) and its store entry.
+
+    Its accuracy on the training domains' out-splits is in ``entry.info["val_acc"]``."""
+    ds, args = context.dataset, context.args
+    channels = int(ds.input_shape[0])
+    config = {"arch": "OracleNet", "width": int(hparams["og_oracle_width"]), "steps": int(hparams["og_oracle_steps"]),
+              "lr": float(hparams["og_oracle_lr"]), "batch_size": 64, "resolution": int(resolution)}
+    if config["steps"] < 1:
+        raise DfbenchError(f"og_oracle_steps must be >= 1, got {config['steps']}")
+
+    def train(net: nn.Module) -> dict[str, Any]:
+        data = InSplitImages(ds, context.train_envs, args.trial_seed, args.holdout_fraction, resolution)
+        tensors = data.tensors()
+        if tensors is None:
+            items = [data[k] for k in range(len(data))]
+            x, y = torch.stack([a for a, _, _ in items]), torch.tensor([b for _, b, _ in items])
+        else:
+            x, y, _ = tensors
+        device = next(net.parameters()).device
+        g = torch.Generator().manual_seed(seed_hash("oracle", args.trial_seed))
+        opt = torch.optim.Adam(net.parameters(), lr=config["lr"], foreach=True)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, config["lr"], total_steps=config["steps"])
+        net.train()
+        for step in range(config["steps"]):
+            idx = torch.randint(len(x), (config["batch_size"],), generator=g)
+            loss = F.cross_entropy(net(x[idx].to(device)), y[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step % 50 == 0:
+                context.heartbeat()
+        net.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for env in context.train_envs:
+                out_idx, _ = split_indices(len(ds.envs[env]), args.trial_seed, env, args.holdout_fraction)
+                vx, vy = _images(ds, env, out_idx, resolution)
+                for start in range(0, len(vx), 256):
+                    pred = net(vx[start:start + 256].to(device)).argmax(1).cpu()
+                    correct += int((pred == vy[start:start + 256]).sum())
+                total += len(vx)
+        return {"val_acc": correct / max(1, total), "n_val": total, "n_train": len(x)}
+
+    entry = context.models.get_or_train(
+        ORACLE_KIND, dataset=ds, train_envs=context.train_envs, trial_seed=args.trial_seed,
+        holdout_fraction=args.holdout_fraction, config=config, build=lambda: OracleNet(channels, ds.num_classes, config["width"]),
+        train=train, costs=context.costs, made_by=context.made_by, device=context.device, guard=guard)
+    return entry
+
+
+# ------------------------------------------------------------------------------------------------
+# The mixin
+# ------------------------------------------------------------------------------------------------
+
+def run_oracle(algorithm, context, backbone: Backbone) -> ClassifierOracle:
+    """The run's validity oracle (cached helper model; ``metric_oracle_val_acc`` records its accuracy)."""
+    cached = getattr(algorithm, "_og_oracle", None)
+    if cached is None:
+        hp = algorithm.hparams
+        entry = oracle_classifier(context, backbone.resolution, hp, guard=backbone.guard)
+        context.metrics.set("oracle_val_acc", entry.info.get("val_acc", float("nan")))
+        cached = ClassifierOracle(entry.module, check_threshold(hp["og_threshold"]), device=context.device,
+                                  preprocess=lambda x: resize(x, backbone.resolution))
+        cached.key = entry.key
+        algorithm._og_oracle = cached
+    return cached
+
+
+def judge_generation(algorithm, context, images: torch.Tensor, labels: torch.Tensor, env: int,
+                     round_name: str = "base") -> float:
+    """Judge generated images with the oracle; ``metric_invalid_rate`` = the invalid share of everything
+    generated for training so far (every generative method records it, guided or not)."""
+    backbone = algorithm.backbone(context)
+    oracle = run_oracle(algorithm, context, backbone)
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    start = time.perf_counter()
+    valid = oracle(x, labels)
+    context.costs.add("og_oracle_seconds", time.perf_counter() - start)
+    tally = getattr(algorithm, "_og_tally", {})
+    tally[(round_name, int(env))] = (len(valid), int((~valid).sum()))
+    algorithm._og_tally = tally
+    n = sum(a for (r, _), (a, _) in tally.items() if r == round_name)
+    bad = sum(b for (r, _), (_, b) in tally.items() if r == round_name)
+    algorithm._og_rate = bad / n
+    context.metrics.set("invalid_rate", bad / n)
+    return bad / n
+
+
+class OracleGuided:
+    """Oracle-assisted guidance for a ``GenerativeAlgorithm``: put it first in the bases."""
+
+    # hparam prefixes that decide what the method generates (they key the cached round classifiers)
+    OG_GENERATION_PREFIXES: tuple[str, ...] = ("diffusion_backbone", "ddpm_steps", "sample_steps", "og_")
+
+    @classmethod
+    def hparam_space(cls, space, dataset):
+        super().hparam_space(space, dataset)
+        og_hparams(space)
+
+    # --- the oracle -----------------------------------------------------------------------------
+    def og_oracle(self, context, backbone: Backbone) -> ClassifierOracle:
+        return run_oracle(self, context, backbone)
+
+    # --- drawing samples to label -------------------------------------------------------------------
+    def og_draw(self, context, backbone: Backbone, terms: Sequence[GuidanceTerm], round_name: str, n: int):
+        """(SampleOutput of ``n`` images in [0, 1], their intended classes), generated as this method generates.
+
+        Default: full trajectories for (uniform class, uniform training domain); methods that generate
+        differently (CDGA's img2img) override it."""
+        args = context.args
+        g = torch.Generator().manual_seed(seed_hash("og-draw", args.trial_seed, round_name))
+        labels = torch.randint(context.dataset.num_classes, (n,), generator=g)
+        envs = torch.tensor(context.train_envs)[torch.randint(len(context.train_envs), (n,), generator=g)]
+        cond = backbone.condition(labels, [int(e) for e in envs])
+        seeds = [seed_hash("og", args.trial_seed, round_name, i) for i in range(n)]
+        out = self.sampler(backbone, terms).sample(cond, seeds)
+        return out, labels
+
+    def _og_counted_draw(self, context, backbone, terms, round_name):
+        n = int(self.hparams["og_samples_per_round"])
+        with context.autocast():
+            out, labels = self.og_draw(context, backbone, terms, round_name, n)
+        # each guided denoising step evaluates every term's gradient once (nfe counts CFG calls twice)
+        steps = sum(out.nfe) / (2 if self._og_cfg() else 1)
+        spent = {"og_samples_drawn": len(labels), "generated_images": len(labels), "nfe": float(sum(out.nfe)),
+                 "generation_seconds": out.seconds, "og_guidance_evals": float(steps * len(terms))}
+        ledger = self._og_ledger if getattr(self, "_og_ledger", None) is not None else None
+        for name, value in spent.items():
+            if ledger is not None:  # charged when the cached model that needed the draw is used
+                ledger[name] = ledger.get(name, 0.0) + float(value)
+            else:
+                context.costs.add(name, value)
+        context.heartbeat()
+        return out.images, labels
+
+    def _og_cfg(self) -> bool:
+        return False
+
+    # --- the rounds ---------------------------------------------------------------------------------
+    def og_result(self, context, backbone: Backbone) -> OracleGuidanceResult | None:
+        cached = getattr(self, "_og_result", None)
+        if cached is not None or int(self.hparams["og_rounds"]) <= 0:
+            return cached
+        hp, ds, args = self.hparams, context.dataset, context.args
+        oracle = self.og_oracle(context, backbone)
+        channels = int(backbone.latent_shape()[0])
+        cls_config = {"arch": "ImageValidityClassifier", "width": int(hp["og_classifier_width"]),
+                      "channels": channels, "num_classes": ds.num_classes}
+        train_config = ClassifierTrainConfig(steps=int(hp["og_classifier_steps"]), lr=float(hp["og_classifier_lr"]),
+                                             batch_size=int(hp["og_classifier_batch_size"]), seed=args.trial_seed)
+        distill_config = DistillConfig(steps=int(hp["og_classifier_steps"]), lr=float(hp["og_classifier_lr"]),
+                                       batch_size=int(hp["og_classifier_batch_size"]), seed=args.trial_seed)
+        generation = {k: v for k, v in sorted(hp.items()) if k.startswith(self.OG_GENERATION_PREFIXES)}
+        base_identity = {"backbone": backbone.key, "method": type(self).registered_name, "generation": generation,
+                         "oracle": oracle.key, "classifier": cls_config, "train": train_config.to_json(),
+                         "distill": distill_config.to_json()}
+        keys: list[str] = []  # store keys of the rounds so far: round k's data depends on them
+
+        def new_classifier(k):
+            return ImageValidityClassifier(channels, ds.num_classes, cls_config["width"],
+                                           num_train_timesteps=backbone.num_train_timesteps)
+
+        def cached(kind, index, build, train):
+            ledger: dict[str, float] = {}
+
+            def train_and_log(module):
+                self._og_ledger = ledger
+                try:
+                    info = train(module)
+                finally:
+                    self._og_ledger = None
+                return {**info, "draw_costs": dict(ledger)}
+
+            entry = context.models.get_or_train(
+                ROUND_KIND if kind == "round" else DISTILLED_KIND, dataset=ds, train_envs=context.train_envs,
+                trial_seed=args.trial_seed, holdout_fraction=args.holdout_fraction,
+                config={**base_identity, "index": index, "previous": list(keys)}, build=build, train=train_and_log,
+                costs=context.costs, made_by=context.made_by, device=context.device, guard=backbone.guard)
+            keys.append(entry.key)
+            # the draws this model needed count in every run that uses it (as reused_ when another run paid)
+            for name, value in entry.info.get("draw_costs", {}).items():
+                context.costs.add(name, value)
+                if entry.reused:
+                    context.costs.add(f"reused_{name}", value)
+            return entry.module, entry.info
+
+        # classifiers train in float32; only the draws run in the run's precision
+        result = run_rounds(
+            lambda terms, name: self._og_counted_draw(context, backbone, terms, name), oracle,
+            lambda images: backbone.encode(images.to(backbone.device)), new_classifier, int(hp["og_rounds"]),
+            float(hp["og_weight"]), alphas_cumprod=backbone.alphas_cumprod, train_config=train_config,
+            distill=bool(hp["og_distill"]), distill_config=distill_config, measure_last=False, cached=cached,
+            heartbeat=context.heartbeat, name=f"og-{type(self).registered_name}")
+        for name, rate in result.rates().items():
+            context.metrics.set(f"invalid_rate_{name}", rate)
+        print(f"{type(self).registered_name}: oracle val acc {context.metrics.values.get('oracle_val_acc', float('nan')):.3f}; "
+              "invalid rate " + ", ".join(f"{k} {v:.3f}" for k, v in result.rates().items()))
+        self._og_result = result
+        return result
+
+    # --- the shared generative hooks ------------------------------------------------------------------
+    def guidance_terms(self, context, backbone: Backbone) -> list[GuidanceTerm]:
+        terms = list(super().guidance_terms(context, backbone))
+        result = self.og_result(context, backbone)
+        if result is None:
+            return terms
+        return terms + result.terms(f"og-{type(self).registered_name}")
+
+    def after_generation(self, context, images: torch.Tensor, labels: torch.Tensor, env: int,
+                         round_name: str = "base") -> None:
+        super().after_generation(context, images, labels, env, round_name)  # judges: metric_invalid_rate
+        rate = getattr(self, "_og_rate", None)
+        result = getattr(self, "_og_result", None)
+        if rate is not None and result is not None and result.distilled is None and result.classifiers:
+            # with guidance but without distillation, the training generation is the full stack's draw
+            context.metrics.set(f"invalid_rate_round{len(result.classifiers)}", rate)
+
+
+@register_algorithm("CDGA+OG")
+class CDGAOG(OracleGuided, CDGA):
+    """CDGA whose img2img generations are guided away from images the oracle would reject."""
+
+    SMOKE_HPARAMS = {**CDGA.SMOKE_HPARAMS, "og_rounds": 1, "og_samples_per_round": 16, "og_classifier_steps": 5,
+                     "og_oracle_steps": 5}
+
+    OG_GENERATION_PREFIXES = OracleGuided.OG_GENERATION_PREFIXES + ("cdga_",)
+
+    def _og_cfg(self) -> bool:
+        return float(self.hparams["cdga_guidance"]) != 1.0
+
+    def og_draw(self, context, backbone, terms, round_name, n):
+        """img2img from a seeded subset of CDGA's own requests (all training domains, other targets)."""
+        hp, args = self.hparams, context.args
+        requests = []
+        for split, env in zip(context.train_splits, context.train_envs):
+            requests += self.requests(context, split, env, backbone)
+        if not requests:
+            raise DfbenchError("CDGA+OG: CDGA made no generation requests to draw oracle-guidance rounds from")
+        g = torch.Generator().manual_seed(seed_hash("og-pick", args.trial_seed, round_name))
+        pick = torch.randint(len(requests), (n,), generator=g).tolist() if n > len(requests) else \
+            torch.randperm(len(requests), generator=g)[:n].tolist()
+        chosen = [requests[i] for i in pick]
+        labels = torch.tensor([r.class_id for r in chosen], dtype=torch.long)
+        cond = backbone.condition(labels, [r.domains for r in chosen])
+        seeds = [seed_hash("og", round_name, r.seed, i) for i, r in enumerate(chosen)]
+        sources = torch.stack([r.source for r in chosen])
+        sampler = self.sampler(backbone, terms, guidance_scale=hp["cdga_guidance"])
+        out = sampler.img2img(sources, cond, hp["cdga_strength"], seeds, [r.source_domain for r in chosen])
+        return out, labels

@@ -43,7 +43,7 @@ DEFAULT_STEPS = 600
 class DDPMTrainConfig:
     model: PixelDDPMConfig = field(default_factory=PixelDDPMConfig)
     steps: int = DEFAULT_STEPS
-    batch_size: int = 32  # twice the steps of batch 64 in the same time beats it in a short run
+    batch_size: int = 32  # 0.27 s/step vs 0.47 at 64: more steps in the same time (not compared head to head)
     lr: float = 2e-3
     warmup_steps: int = 20
     lr_schedule: str = "cosine"  # "cosine" (warmup, then cosine decay to 0) or "constant" (warmup, then flat)

@@ -33,7 +33,7 @@ from domainfusion_bench.protocol import HOLDOUT_FRACTION, split_indices
 FORMAT = 1
 # Measured on DigitStyles v2 (32 px RGB, trials 0-2 shared: 689 training images), one CPU thread on a loaded
 # machine: 0.27 s/step at batch 32, so ~165 s per DDPM. 600 steps of x0-prediction + cosine lr + EMA give
-# mostly readable digits with each domain's layout (light-on-dark poster, dark-on-light crayon, outlined
+# readable digits for about half the classes (0 1 7 8 9 best), with each domain's layout (light-on-dark poster, dark-on-light crayon, outlined
 # stencil) but grey: colours are not learned in this budget. 300 steps are blurrier. eps-prediction with
 # min-SNR-5 is still pure noise after 300 steps; lr 4e-3 adds texture but no legibility; batch 64 costs
 # 0.47 s/step. Samples of this default: datasets/digitstyles_ddpm_samples.png.

@@ -268,7 +268,7 @@ def test_leakage_guard_refuses_every_path_to_the_held_out_domain(tmp_path):
 def test_ddpm_training_never_reads_or_trains_on_the_held_out_domain(tmp_path):
     with pytest.raises(DfbenchError, match="train a diffusion model on held-out domain"):
         train_pixel_ddpm(Toy(), [0, 1, 3], [3], cache_dir=tmp_path, progress=False)
-    config = default_config(Toy(), steps=3, batch_size=8, block_out_channels=(8, 16), norm_num_groups=4)
+    config = default_config(Toy(), steps=3, batch_size=8, block_out_channels=(8, 16), norm_num_groups=4, shared_trials=0)
     meter = CostMeter()
     first = train_pixel_ddpm(Toy(tripwire=3), [0, 1, 2], [3], config=config, cache_dir=tmp_path, progress=False,
                              costs=meter, made_by="run-a")

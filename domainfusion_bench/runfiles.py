@@ -266,6 +266,7 @@ def save_resume(path: Path, state: Mapping[str, Any]) -> None:
     """
     import torch
 
+    _check_plain(state, "state")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -274,6 +275,27 @@ def save_resume(path: Path, state: Mapping[str, Any]) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Fail at save time, naming the key, when a resume point holds something ``weights_only`` cannot load
+    (numpy arrays, custom objects): found only at the next load, it would cost the run its progress."""
+    import torch
+
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor, torch.Size, torch.dtype)):
+        return
+    if isinstance(value, (list, tuple)):
+        for k, item in enumerate(value):
+            _check_plain(item, f"{where}[{k}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"resume point: key {key!r} of {where} is a {type(key).__name__}; use str or int")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    raise TypeError(f"resume point: {where} is a {type(value).__module__}.{type(value).__name__}; resume state holds "
+                    "only tensors, numbers, strings, bools, None, lists and dicts (convert it in extra_state)")
 
 
 def _fsync_dir(directory: Path) -> None:

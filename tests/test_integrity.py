@@ -243,6 +243,14 @@ def test_resume_point_is_plain_data_written_durably(tmp_path, monkeypatch):
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
 
 
+def test_a_resume_point_that_could_not_be_loaded_safely_is_refused_at_save_time(tmp_path):
+    import numpy as np
+
+    with pytest.raises(TypeError, match=r"state\['algorithm'\]\['pool'\] is a numpy.ndarray"):
+        runfiles.save_resume(tmp_path / runfiles.RESUME, {"step": 1, "algorithm": {"pool": np.zeros(3)}})
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("damage", [b"", b"not a zip file at all", "truncate"])
 def test_a_corrupt_resume_point_restarts_cleanly(tiny_train_args, tmp_path, monkeypatch, capfd, damage):
     class Crash(Exception):

@@ -18,6 +18,15 @@ from typing import Any
 
 from domainfusion_bench.errors import DfbenchError
 
+try:  # writing 1.8M records is the slow part of the benchmark; orjson writes the same JSON ~10x faster
+    import orjson
+
+    def _dumps(record: dict[str, Any]) -> bytes:
+        return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+except ImportError:  # pragma: no cover
+    def _dumps(record: dict[str, Any]) -> bytes:
+        return json.dumps(record, sort_keys=True).encode()
+
 DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
 ALGORITHMS = ("ERM", "MixStyle", "EFDM", "CDGA", "DomainFusion")
 N_TRIALS = 3
@@ -52,8 +61,8 @@ def write_sweep(root: str | Path, n_records: int, checkpoints: int = 18) -> dict
                 if i in test_envs:
                     record[f"env{i}_in_acc"] = rng.random()
                 record[f"env{i}_out_acc"] = rng.random()
-            lines.append(json.dumps(record, sort_keys=True))
-        (run / "results.jsonl").write_text("\n".join(lines) + "\n")
+            lines.append(_dumps(record))
+        (run / "results.jsonl").write_bytes(b"\n".join(lines) + b"\n")
         (run / "splits.json").write_text(json.dumps({f"env{i}": {"domain": d, "in": [], "out": []}
                                                      for i, d in enumerate(DOMAINS)}))
         (run / "done").write_text("done\n")

@@ -146,7 +146,8 @@ def check_value(name: str, default: Any, value: Any, where: str) -> None:
         if value != value or value in (float("inf"), float("-inf")):
             raise fail("a finite number")
     elif isinstance(default, str):
-        if not isinstance(value, str):
+        # a list of strings is a string setting's long form (e.g. mix_stages: "block2,block3" or [block2, block3])
+        if not isinstance(value, str) and not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
             raise fail(f"a string like its default {default!r}")
         return
     else:

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from domainfusion_bench.algorithms.erm import ERM
+from domainfusion_bench.algorithms.validity import judge_generation, oracle_hparams
 from domainfusion_bench.diffusion import DDIMSampler, SamplerConfig, build_backbone
 from domainfusion_bench.diffusion.backbones import Backbone, resize
 from domainfusion_bench.diffusion.cache import quantize
@@ -40,8 +41,6 @@ class GenerativeAlgorithm(ERM):
         space.add("diffusion_backbone", "pixel_ddpm")  # pixel_ddpm | sd:<folder or hub id> | sd:tiny
         space.add("ddpm_steps", DEFAULT_STEPS)  # training steps of the shared pixel DDPM (cached per training domains)
         space.add("sample_steps", 10)  # DDIM steps of a full trajectory (img2img runs strength x this)
-        from domainfusion_bench.algorithms.oracle_guidance import oracle_hparams  # (imports this module)
-
         oracle_hparams(space)  # og_measure: every generation judged by the validity oracle
 
     # --- shared parts -----------------------------------------------------------------------------
@@ -92,8 +91,6 @@ class GenerativeAlgorithm(ERM):
         if previews is not None and name not in previews:
             previews[name] = images[:PREVIEW_IMAGES].cpu()
         if self.hparams.get("og_measure"):
-            from domainfusion_bench.algorithms.oracle_guidance import judge_generation
-
             judge_generation(self, context, images, labels, env, round_name)
 
     # --- the generation stage -----------------------------------------------------------------------

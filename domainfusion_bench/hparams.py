@@ -100,6 +100,7 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "weight_decay": (0, True, None, False),
     "resnet_dropout": (0, True, 1, False),
     "cnn_width": (1, True, None, False),
+    "diti_finetune_batch": (0, True, None, False),
 }
 
 

@@ -185,3 +185,27 @@ def test_probe_report_reuses_the_encoder_and_scores_every_slice(diti_runs, tmp_p
     assert [r["slice"] for r in rows][:5] == ["t 0-50", "t 50-100", "t 100-300", "t 300-500", "t 500-1000"]
     assert rows[-1]["dims"] == "0-64" and all(0 <= r["class_acc"] <= 1 and 0 <= r["domain_acc"] <= 1 for r in rows)
     assert json.loads(out.read_text())["rows"][0]["n_dims"] == rows[0]["n_dims"]
+
+
+def test_finetune_diti_loss_reads_an_even_stride_of_the_minibatch():
+    from domainfusion_bench.algorithms import ALGORITHMS, algorithm_space
+    from domainfusion_bench.data import dataset_class
+
+    hp = {**algorithm_space("DiTi-finetune", dataset_class("DigitStyles")).defaults(), **FAST, "diti_finetune_batch": 4}
+    algo = ALGORITHMS.get("DiTi-finetune")((3, 32, 32), 10, 3, hp)
+    seen = []
+
+    class Recorder:
+        def loss(self, encoder, branch, x):
+            seen.append(x.clone())
+            return torch.zeros((), requires_grad=True), 0.0
+
+    algo.objective = Recorder()
+    x = torch.arange(12.0).view(12, 1, 1, 1).expand(12, 3, 32, 32)  # 3 domains x 4 images, tagged by value
+    minibatches = [(x[4 * d:4 * d + 4], torch.zeros(4, dtype=torch.long)) for d in range(3)]
+    algo.loss(minibatches)
+    tags = algo.featurizer.unit(x)[:, 0, 0, 0]
+    assert torch.equal(seen[-1][:, 0, 0, 0], tags[::3])  # 4 of 12: images 0, 3, 6, 9 -> every domain is in it
+    algo.hparams["diti_finetune_batch"] = 0
+    algo.loss(minibatches)
+    assert len(seen[-1]) == 12

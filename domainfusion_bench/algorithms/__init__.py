@@ -11,7 +11,7 @@ from domainfusion_bench.algorithms import erm  # noqa: F401  (registers ERM)
 from domainfusion_bench.algorithms import cdga  # noqa: F401  (registers CDGA, CDGA*)
 from domainfusion_bench.algorithms import diti  # noqa: F401  (registers DiTi)
 from domainfusion_bench.algorithms import style_mixing  # noqa: F401  (registers MixStyle, EFDM)
-from domainfusion_bench.algorithms import oracle_guidance  # noqa: F401  (registers CDGA+OG)
+from domainfusion_bench.algorithms import oracle_guidance  # noqa: F401  (registers CDGA+OG, DomainFusion+OG, TGDP+OG)
 from domainfusion_bench.algorithms import domainfusion  # noqa: F401  (registers DomainFusion and its ablations)
 from domainfusion_bench.algorithms import tgdp  # noqa: F401  (registers TGDP, TGDP-FS)
 from domainfusion_bench.algorithms.base import ALGORITHMS, Algorithm, register_algorithm

@@ -178,6 +178,10 @@ class DiTi(GenerativeAlgorithm):
         space.add("diti_mode", "probe")  # probe | finetune | subset
         space.add("diti_blocks", "32-63")  # subset mode: inclusive block range the head reads
         space.add("diti_lambda", 1.0, lambda r: 10 ** r.uniform(-1, 1))  # finetune: weight of the DiTi loss
+        # finetune: images per step the DiTi loss sees (an even stride through the minibatch, so every training
+        # domain is in it; 0 = all). Ours: the loss costs a frozen-DDPM and a branch pass per image, 3x the CE's
+        # cost at the full 3 x 32; 32 images keep its gradient while CE still reads the whole minibatch.
+        space.add("diti_finetune_batch", 32)
         space.add("diti_z_dim", 512)
         space.add("diti_k", 64)
         space.add("diti_allocation", "stages")  # stages | uniform (the ablation)
@@ -264,7 +268,9 @@ class DiTi(GenerativeAlgorithm):
         if self.mode != "finetune" or self.objective is None:
             return ce, {}
         feat = self.featurizer
-        diti, frozen = self.objective.loss(feat.encoder, self.branch, feat.unit(x))
+        n = self.hparams["diti_finetune_batch"]
+        sub = x[::-(-len(x) // n)] if 0 < n < len(x) else x
+        diti, frozen = self.objective.loss(feat.encoder, self.branch, feat.unit(sub))
         return ce + self.hparams["diti_lambda"] * diti, {"ce": ce.detach(), "diti_loss": diti.detach(),
                                                           "diti_frozen_loss": frozen}
 

@@ -229,7 +229,7 @@ class DomainFusion(GenerativeAlgorithm):
 
     def _img2img(self, context, requests, desc: str) -> torch.Tensor:
         """Images for ``requests`` through the generation cache, as uint8 at the classifier's input size."""
-        sampler = self.sampler(self._diffusion)
+        sampler = self.sampler(self._diffusion, self.guidance_terms(context, self._diffusion))
         images, stats = context.generations.img2img(sampler, requests, self.hparams["df_strength"],
                                                     made_by=context.made_by, desc=desc, uint8=True)
         stats.charge(context.costs)

@@ -35,6 +35,8 @@ import torch
 
 from domainfusion_bench.algorithms.base import register_algorithm
 from domainfusion_bench.algorithms.cdga import CDGA
+from domainfusion_bench.algorithms.domainfusion import DomainFusion
+from domainfusion_bench.algorithms.tgdp import TGDP
 from domainfusion_bench.diffusion.backbones import Backbone
 from domainfusion_bench.diffusion.oracle_guidance import (
     ClassifierOracle,
@@ -69,6 +71,8 @@ def og_hparams(space) -> None:
 class OracleGuided:
     """Oracle-assisted guidance for a ``GenerativeAlgorithm``: put it first in the bases."""
 
+    # small enough for the contract tests' few-step runs
+    OG_SMOKE_HPARAMS = {"og_rounds": 1, "og_samples_per_round": 16, "og_classifier_steps": 5, "og_oracle_steps": 5}
     # hparam prefixes that decide what the method generates (they key the cached round classifiers)
     OG_GENERATION_PREFIXES: tuple[str, ...] = ("diffusion_backbone", "ddpm_steps", "sample_steps", "og_")
 
@@ -200,8 +204,7 @@ class OracleGuided:
 class CDGAOG(OracleGuided, CDGA):
     """CDGA whose img2img generations are guided away from images the oracle would reject."""
 
-    SMOKE_HPARAMS = {**CDGA.SMOKE_HPARAMS, "og_rounds": 1, "og_samples_per_round": 16, "og_classifier_steps": 5,
-                     "og_oracle_steps": 5}
+    SMOKE_HPARAMS = {**CDGA.SMOKE_HPARAMS, **OracleGuided.OG_SMOKE_HPARAMS}
 
     OG_GENERATION_PREFIXES = OracleGuided.OG_GENERATION_PREFIXES + ("cdga_",)
 
@@ -227,3 +230,48 @@ class CDGAOG(OracleGuided, CDGA):
         sampler = self.sampler(backbone, terms, guidance_scale=hp["cdga_guidance"])
         out = sampler.img2img(sources, cond, hp["cdga_strength"], seeds, [r.source_domain for r in chosen])
         return out, labels
+
+
+@register_algorithm("DomainFusion+OG")
+class DomainFusionOG(OracleGuided, DomainFusion):
+    """DomainFusion whose pool and refresh candidates are guided away from images the oracle would reject."""
+
+    SMOKE_HPARAMS = {**DomainFusion.SMOKE_HPARAMS, **OracleGuided.OG_SMOKE_HPARAMS}
+    OG_GENERATION_PREFIXES = OracleGuided.OG_GENERATION_PREFIXES + ("df_",)
+
+    def og_draw(self, context, backbone, terms, round_name, n):
+        """img2img as DomainFusion generates: seeded in-split sources of every training domain, toward
+        DomainFusion's targets (another training domain or a mix), at ``df_strength``."""
+        ds, args = context.dataset, context.args
+        g = torch.Generator().manual_seed(seed_hash("og-pick", args.trial_seed, round_name))
+        sources, labels, targets, envs = [], [], [], []
+        for i in range(n):
+            pos = int(torch.randint(len(context.train_envs), (1,), generator=g))
+            split, env = context.train_splits[pos], context.train_envs[pos]
+            x, y = split.dataset[split.indices[int(torch.randint(len(split.indices), (1,), generator=g))]]
+            sources.append(self.source_image(context, x, backbone))
+            labels.append(int(y))
+            targets.append(self._target(env, context.train_envs, len(ds.domains), ("og", args.trial_seed, round_name, i)))
+            envs.append(env)
+        labels = torch.tensor(labels, dtype=torch.long)
+        seeds = [seed_hash("og", args.trial_seed, round_name, i) for i in range(n)]
+        out = self.sampler(backbone, terms).img2img(torch.stack(sources), backbone.condition(labels, targets),
+                                                    self.hparams["df_strength"], seeds, envs)
+        return out, labels
+
+
+@register_algorithm("TGDP+OG")
+class TGDPOG(OracleGuided, TGDP):
+    """TGDP whose density-ratio-guided samples are also guided away from images the oracle would reject."""
+
+    SMOKE_HPARAMS = {**TGDP.SMOKE_HPARAMS, **OracleGuided.OG_SMOKE_HPARAMS}
+    OG_GENERATION_PREFIXES = OracleGuided.OG_GENERATION_PREFIXES + ("tgdp_",)
+
+    def og_draw(self, context, backbone, terms, round_name, n):
+        """Full trajectories as TGDP draws them: class-conditional, no domain condition (the pooled model).
+        The rounds learn the failures of the pooled model's samples; the density-ratio term is added on top
+        at generation time."""
+        g = torch.Generator().manual_seed(seed_hash("og-draw", context.args.trial_seed, round_name))
+        labels = torch.randint(context.dataset.num_classes, (n,), generator=g)
+        seeds = [seed_hash("og", context.args.trial_seed, round_name, i) for i in range(n)]
+        return self.sampler(backbone, terms).sample(backbone.condition(labels, [{}] * n), seeds), labels

@@ -225,13 +225,14 @@ class TGDP(GenerativeAlgorithm):
         h_key = parameters_digest(h)[:24]
         n_classes, per_class = len(ds.classes), hp["tgdp_per_class"]
         generated: dict[int | None, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        extra_terms = self.guidance_terms(context, backbone)  # oracle guidance (TGDP+OG); none for TGDP
         before_p, after_p = [], []
         for label, head, mix, augments in plan:
             term = DensityRatioGuidance(h, hp["tgdp_weight"], head=head or 0, mix=mix, use_class=True,
                                         cache_key=f"tgdp-h:{h_key}:head={head}:mix={mix}")
             requests = [Request(class_id=c, domains={}, seed=seed_hash("TGDP", args.trial_seed, label, c, i))
                         for c in range(n_classes) for i in range(per_class)]
-            images, stats = context.generations.sample(self.sampler(backbone, [term]), requests,
+            images, stats = context.generations.sample(self.sampler(backbone, [term, *extra_terms]), requests,
                                                        made_by=context.made_by, desc=f"TGDP {label}")
             stats.charge(context.costs)
             if not hasattr(stats, "made_guidance_evals"):  # a cache that does not count them itself:

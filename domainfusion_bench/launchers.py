@@ -271,6 +271,24 @@ class Launcher:
 LAUNCHERS: Registry[type[Launcher]] = Registry("launcher")
 
 
+def pipeline_order(jobs: Sequence[Job]) -> list[Job]:
+    """The order for several slots. Generative runs share pre-stages (one DDPM per set of training domains,
+    per-trial helper models) trained under file locks, so a slot that starts a second generative run early
+    only waits. One generative run goes first (it trains the shared DDPM), the other slots take the
+    non-generative runs meanwhile, then the remaining generative runs by (algorithm, trial) so that
+    parallel slots work on different trials' helper models rather than queue on one lock."""
+    from domainfusion_bench.algorithms import ALGORITHMS
+
+    def generative(job: Job) -> bool:
+        return job.args.algorithm in ALGORITHMS and bool(getattr(ALGORITHMS.get(job.args.algorithm), "GENERATIVE", False))
+
+    gen = [j for j in jobs if generative(j)]
+    if not gen:
+        return list(jobs)
+    rest = sorted(gen[1:], key=lambda j: (j.args.dataset, j.args.test_envs, j.args.algorithm, j.args.trial_seed))
+    return [gen[0]] + [j for j in jobs if not generative(j)] + rest
+
+
 class PoolLauncher(Launcher):
     """Runs jobs in child processes, one per slot at a time; a slot is a label and its environment."""
 
@@ -292,7 +310,7 @@ class PoolLauncher(Launcher):
         if not jobs:
             return LaunchResult()
         todo: queue.Queue[Job] = queue.Queue()
-        for job in jobs:
+        for job in (pipeline_order(jobs) if len(slots) > 1 else jobs):
             todo.put(job)
         stop = threading.Event()
         result, lock = LaunchResult(), threading.Lock()

@@ -289,3 +289,14 @@ def test_sweep_killed_mid_run_resumes_without_loss_or_duplicates(tmp_path):
     table = leaderboard(tmp_path / "sweep", "text", selection=["iid", "oracle"])
     assert table == leaderboard(tmp_path / "uninterrupted", "text", selection=["iid", "oracle"])
     assert "PausableERM" in table and "RotatedDigits" in table
+
+
+def test_pipeline_order_starts_one_generative_run_then_fills_slots_with_the_others(tmp_path):
+    spec = four_runs(tmp_path, algorithms=["ERM", "CDGA", "DiTi", "MixStyle"], n_trials=2, test_envs=[[2]])
+    jobs = make_jobs(spec)  # DomainBed's order: trial 0's four algorithms, then trial 1's
+    order = [(j.args.algorithm, j.args.trial_seed) for j in launchers.pipeline_order(jobs)]
+    assert order == [("CDGA", 0), ("ERM", 0), ("MixStyle", 0), ("ERM", 1), ("MixStyle", 1),
+                     ("CDGA", 1), ("DiTi", 0), ("DiTi", 1)]
+    assert sorted(map(id, launchers.pipeline_order(jobs))) == sorted(map(id, jobs))  # a permutation
+    erm_only = make_jobs(four_runs(tmp_path))
+    assert launchers.pipeline_order(erm_only) == erm_only

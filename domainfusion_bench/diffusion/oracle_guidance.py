@@ -247,6 +247,28 @@ def _balanced_index(valid: torch.Tensor, n: int, generator: torch.Generator) -> 
                       neg[torch.randint(0, len(neg), (n - half,), generator=generator)]])
 
 
+def _fit(module: nn.Module, batch_loss: Callable[[int], torch.Tensor], steps: int, lr: float, weight_decay: float,
+         heartbeat: Callable[[], None] | None) -> float:
+    """Adam with cosine decay on ``batch_loss(step)`` for ``steps``; leaves ``module`` frozen in eval mode.
+    Returns the mean loss of the last tenth of the steps."""
+    opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    module.train()
+    losses = []
+    for step in range(steps):
+        loss = batch_loss(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if heartbeat is not None and step % 50 == 0:
+            heartbeat()
+    module.eval().requires_grad_(False)
+    tail = losses[-max(1, len(losses) // 10):] or [float("nan")]
+    return sum(tail) / len(tail)
+
+
 def train_validity_classifier(classifier: ValidityClassifier, x0: torch.Tensor, valid: torch.Tensor,
                               labels: torch.Tensor | None, alphas_cumprod: torch.Tensor,
                               config: ClassifierTrainConfig = ClassifierTrainConfig(), *,
@@ -266,26 +288,17 @@ def train_validity_classifier(classifier: ValidityClassifier, x0: torch.Tensor, 
     g = torch.Generator().manual_seed(int(config.seed))
     x0 = x0.float()
     labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long).cpu()
-    opt = torch.optim.Adam(classifier.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, config.steps))
-    classifier.train()
-    start, losses = time.perf_counter(), []
-    for step in range(config.steps):
+
+    def batch_loss(step: int) -> torch.Tensor:
         idx = _balanced_index(valid, config.batch_size, g)
         xt, t = noised(x0[idx].to(device), alphas_cumprod, g, clean)
         y = None if labels is None else labels[idx].to(device)
-        loss = prior_weighted_bce(classifier(xt, t, y), valid[idx].to(device), weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if heartbeat is not None and step % 50 == 0:
-            heartbeat()
-    classifier.eval().requires_grad_(False)
-    tail = losses[-max(1, len(losses) // 10):]
+        return prior_weighted_bce(classifier(xt, t, y), valid[idx].to(device), weight)
+
+    start = time.perf_counter()
+    final = _fit(classifier, batch_loss, config.steps, config.lr, config.weight_decay, heartbeat)
     return {"n_valid": n_valid, "n_invalid": n_invalid, "alpha": alpha, "loss_weight": weight,
-            "final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start,
+            "final_loss": final, "seconds": time.perf_counter() - start,
             "time_conditioned": classifier.time_conditioned, "clean": clean}
 
 
@@ -333,27 +346,18 @@ def distill_stack(student: ValidityClassifier, teachers: Sequence[ValidityClassi
     g = torch.Generator().manual_seed(int(config.seed))
     x0 = x0.float()
     labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long).cpu()
-    opt = torch.optim.Adam(student.parameters(), lr=config.lr, foreach=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, config.steps))
-    student.train()
-    start, losses = time.perf_counter(), []
-    for step in range(config.steps):
+
+    def batch_loss(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(x0), (config.batch_size,), generator=g)
         xt, t = noised(x0[idx].to(device), alphas_cumprod, g)
         y = None if labels is None else labels[idx].to(device)
         with torch.no_grad():
             target = sum(c.log_prob(xt, t, y) for c in teachers).clamp(min=config.log_floor)
-        loss = F.mse_loss(student.log_prob(xt, t, y), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if heartbeat is not None and step % 50 == 0:
-            heartbeat()
-    student.eval().requires_grad_(False)
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"final_mse": sum(tail) / len(tail), "seconds": time.perf_counter() - start, "n_samples": len(x0),
+        return F.mse_loss(student.log_prob(xt, t, y), target)
+
+    start = time.perf_counter()
+    final = _fit(student, batch_loss, config.steps, config.lr, 0.0, heartbeat)
+    return {"final_mse": final, "seconds": time.perf_counter() - start, "n_samples": len(x0),
             "teachers": len(teachers)}
 
 

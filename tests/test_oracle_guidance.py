@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from domainfusion_bench.diffusion.backbones import Backbone
 from domainfusion_bench.diffusion.oracle_guidance import (
     ClassifierOracle,
     ClassifierTrainConfig,
@@ -27,6 +26,7 @@ from domainfusion_bench.diffusion.oracle_guidance import (
     train_validity_classifier,
 )
 from domainfusion_bench.diffusion.samplers import DDIMSampler, SamplerConfig
+from domainfusion_bench.diffusion.toy import GaussianMixtureBackbone
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.protocol import seed_hash
 
@@ -38,41 +38,11 @@ N_PER_ROUND = 1000
 TRAIN = ClassifierTrainConfig(steps=600, lr=5e-3)
 
 
-class MixtureBackbone(Backbone):
-    """Equal-weight isotropic Gaussian mixture in R^2; eps(z_t, t) = -sqrt(1 - abar_t) grad log p_t(z_t)."""
-
-    kind = "toy_mixture"
+class MixtureBackbone(GaussianMixtureBackbone):
+    """The 3x3 mixture with its exact valid-sample generator."""
 
     def __init__(self, means=MEANS, std=STD):
-        from diffusers import DDPMScheduler
-
-        super().__init__(dataset="toy", domains=["toy"], classes=["point"], image_channels=2, resolution=1,
-                         scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear"), key="toy-mixture")
-        self.means = torch.tensor(means, dtype=torch.float32)
-        self.std = std
-
-    def ddim_overrides(self):
-        return {"clip_sample": False}
-
-    def modules(self):
-        return {}
-
-    def latent_shape(self):
-        return (2,)
-
-    def encode(self, x):
-        return x.float()
-
-    def decode(self, z):
-        return z.float()
-
-    def _predict(self, z_t, t, cond):  # epsilon prediction
-        abar = self.alphas_cumprod[t.long()].view(-1, 1, 1)
-        var = abar * self.std**2 + 1 - abar  # [B, 1, 1]
-        d = z_t.float().view(-1, 1, 2) - abar.sqrt() * self.means.view(1, -1, 2)
-        resp = (-(d**2).sum(-1, keepdim=True) / (2 * var)).softmax(1)
-        score = -(resp * d).sum(1) / var.view(-1, 1)
-        return -(1 - abar.view(-1, 1)).sqrt() * score
+        super().__init__(means, std)
 
     def sample_valid(self, n: int, seed: int = 123) -> torch.Tensor:
         """Exact samples of the target p(x | valid), by rejection."""

@@ -11,7 +11,6 @@ from diffusers import DDPMScheduler
 
 from domainfusion_bench import runfiles
 from domainfusion_bench.algorithms.tgdp import TGDP
-from domainfusion_bench.diffusion.backbones import Backbone
 from domainfusion_bench.diffusion.density_ratio import (
     DensityRatioConfig,
     DensityRatioGuidance,
@@ -23,6 +22,7 @@ from domainfusion_bench.diffusion.density_ratio import (
     train_guidance_net,
 )
 from domainfusion_bench.diffusion.samplers import DDIMSampler, SamplerConfig
+from domainfusion_bench.diffusion.toy import GaussianMixtureBackbone
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.protocol import split_indices
 from domainfusion_bench.training import TrainArgs, train
@@ -45,37 +45,9 @@ def log_noised_mixture(z, abar_t, modes, std):
     return torch.logsumexp(-(d**2).sum(-1) / (2 * var), 1) - torch.log(var.squeeze(1))
 
 
-class MixtureBackbone(Backbone):
-    """A 'pretrained' source model for 2-D points: eps = -sqrt(1 - abar_t) * exact score of the noised mixture."""
-
-    kind = "mixture"
-
-    def __init__(self, modes, std):
-        super().__init__(dataset="toy", domains=["source"], classes=["point"], image_channels=2, resolution=1,
-                         scheduler=DDPMScheduler(num_train_timesteps=1000), key="toy")
-        self.modes, self.std = modes, std
-
-    def ddim_overrides(self):
-        return {"clip_sample": False}
-
-    def modules(self):
-        return {}
-
-    def latent_shape(self):
-        return (2,)
-
-    def encode(self, x):
-        return x
-
-    def decode(self, z):
-        return z
-
-    def _predict(self, z, t, cond):  # the noise (prediction type epsilon)
-        z = z.detach().requires_grad_(True)
-        with torch.enable_grad():
-            (score,) = torch.autograd.grad(log_noised_mixture(z, self.alphas_cumprod[t.long()], self.modes, self.std).sum(), z)
-        a = self.alphas_cumprod[t.long()].view(-1, 1)
-        return -(1 - a).sqrt() * score
+def MixtureBackbone(modes, std):
+    """A 'pretrained' source model for 2-D points: the exact noised mixture."""
+    return GaussianMixtureBackbone(modes, std, domains=["source"], key="toy")
 
 
 class ExactRatio:
@@ -88,7 +60,7 @@ class ExactRatio:
 
     def log_h(self, z, t, y=None, mix=None):
         abar = self.backbone.alphas_cumprod[t.long()]
-        value = log_noised_mixture(z, abar, self.modes, self.std) - log_noised_mixture(z, abar, self.backbone.modes, self.backbone.std)
+        value = log_noised_mixture(z, abar, self.modes, self.std) - log_noised_mixture(z, abar, self.backbone.means, self.backbone.std)
         return value if mix is not None else value.unsqueeze(1)
 
 

@@ -30,13 +30,13 @@ from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.protocol import HOLDOUT_FRACTION, split_indices
 
 FORMAT = 1
-# Measured on DigitStyles v2 (32 px RGB, trials 0-2 shared: 689 training images), one CPU thread on a loaded
-# machine: 0.27 s/step at batch 32, so ~165 s per DDPM. 600 steps of x0-prediction + cosine lr + EMA give
-# readable digits for about half the classes (0 1 7 8 9 best), with each domain's layout (light-on-dark poster, dark-on-light crayon, outlined
-# stencil) but grey: colours are not learned in this budget. 300 steps are blurrier. eps-prediction with
-# min-SNR-5 is still pure noise after 300 steps; lr 4e-3 adds texture but no legibility; batch 64 costs
-# 0.47 s/step. Samples of this default: datasets/digitstyles_ddpm_samples.png.
-DEFAULT_STEPS = 600
+# Measured on DigitStyles v2 (32 px RGB, trials 0-2 shared: 676 training images), one CPU thread: 0.27 s/step
+# at batch 32 on a quiet machine, so ~400 s per DDPM (in a sweep it trains beside the non-generative runs).
+# With the cosine schedule, x0-prediction, cosine lr and EMA, 1500 steps give samples in each domain's
+# colours and textures whose class an oracle (67% on real out-split images) reads for 31% of pure samples
+# (CFG 2) and 60% of img2img outputs at strength 0.5; the linear schedule gave grey images (48% / 50%),
+# 600 steps with it 35% / 55%. Samples of this default: datasets/digitstyles_ddpm_samples.png.
+DEFAULT_STEPS = 1500
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,9 @@ def _args_row(args: Any) -> dict[str, Any] | None:
     trial_seed, hparams_seed = _as_int(args.get("trial_seed")), _as_int(args.get("hparams_seed"))
     if not envs or any(t is None or t < 0 for t in envs) or None in (trial_seed, hparams_seed):
         return None
+    track = args.get("track")
+    if type(track) is str and track and track != "DG":  # an oracle or few-shot-target row: never read as DG
+        algorithm = f"{algorithm} [{track}]"
     row: dict[str, Any] = {
         "dataset": dataset,
         "algorithm": algorithm,

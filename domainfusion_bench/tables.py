@@ -136,8 +136,9 @@ def _summarise(df: pd.DataFrame, keys: list[str], value: str, kind: str) -> pd.D
 
 
 def algorithm_order(names) -> list[str]:
-    """ERM first (the baseline, as in DomainBed's tables), then alphabetical."""
-    names = sorted(set(names), key=lambda s: (s != "ERM", s.lower(), s))
+    """ERM first (the baseline, as in DomainBed's tables), then alphabetical; rows that are not DG results
+    ("CDGA* [oracle]", "TGDP-FS [few-shot target]": collect labels them from the runs' args) last."""
+    names = sorted(set(names), key=lambda s: (s != "ERM", s.endswith("]"), s.lower(), s))
     return names
 
 

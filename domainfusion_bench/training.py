@@ -426,6 +426,9 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
     train_envs = [i for i in range(len(dataset.envs)) if i not in args.test_envs]
     train_splits, splits, index_record = make_splits(dataset, args, hparams, speed.eval_augment or args.eval_augment)
     record_args = {**dataclasses.asdict(args), "protocol": protocol_settings(runtime, speed, args, dataset)}
+    track = ALGORITHMS.get(args.algorithm).TRACK
+    if track != "DG":  # labelled in every table (collect reads it from the args)
+        record_args["track"] = track
     if runtime.is_main:
         runfiles.write_splits(run_dir, index_record, f"{dataset.name}_trial{args.trial_seed}_holdout{args.holdout_fraction}")
         print(f"{args.algorithm} on {dataset.name}, test envs {args.test_envs}, {steps} steps, hparams {hparams}")

@@ -22,6 +22,10 @@ Minibatches = Sequence[tuple[torch.Tensor, torch.Tensor]]  # one (x, y) per trai
 class Algorithm(nn.Module):
     NEEDS = "nothing"  # shown by `dfbench list`
     GENERATIVE = False  # True: has a generation stage whose cost is reported
+    # what kind of result a run is: "DG" (no held-out data of any kind), or a label that the tables print
+    # beside the algorithm's name (an oracle row, a few-shot-target domain-adaptation row), so such a row
+    # is never read as a DG result
+    TRACK = "DG"
     # hyperparameters that make a run cheap but still exercise every part (the contract test, smoke runs)
     SMOKE_HPARAMS: dict[str, Any] = {}
 

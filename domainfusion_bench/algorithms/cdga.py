@@ -107,3 +107,4 @@ class CDGAOracle(CDGA):
 
     NEEDS = CDGA.NEEDS + "; uses the held-out domain's description/label (oracle)"
     ORACLE = True
+    TRACK = "oracle"

@@ -280,3 +280,4 @@ class TGDPFewShot(TGDP):
 
     NEEDS = TGDP.NEEDS + "; reads tgdp_target_shots unlabelled images of the held-out domain (few-shot target)"
     FEW_SHOT = True
+    TRACK = "few-shot target"

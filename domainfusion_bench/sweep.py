@@ -30,7 +30,7 @@ from domainfusion_bench.data.folder import ImageFolderDataset
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.hparams import check_train_args, check_value
 from domainfusion_bench.protocol import HOLDOUT_FRACTION, run_hash, seed_hash
-from domainfusion_bench.training import DEFAULT_DATA_DIR, TrainArgs
+from domainfusion_bench.training import DEFAULT_DATA_DIR, TrainArgs, resolve_hparams, run_fingerprint
 
 TEST_ENV_MODES = ("singles", "singles+pairs")
 # TrainArgs fields a spec may set through ``train_args``; the others are the sweep's to set.
@@ -517,7 +517,21 @@ def run_state(run_dir: Path) -> RunState:
 
 
 def job_states(jobs: Sequence[Job]) -> list[RunState]:
-    return [run_state(job.run_dir) for job in jobs]
+    return [_same_configuration(job, run_state(job.run_dir)) for job in jobs]
+
+
+def _same_configuration(job: Job, state: RunState) -> RunState:
+    """A done run counts as this job's only when its fingerprint is the job's: the run hash covers the
+    arguments, the fingerprint also the resolved hyperparameters, so a run made under other defaults (an
+    older dfbench) is never taken for done and never mixes into this sweep's tables unannounced."""
+    if state.state != State.DONE:
+        return state
+    try:
+        runfiles.check_fingerprint(job.run_dir, run_fingerprint(job.args, resolve_hparams(job.args)))
+    except DfbenchError as err:
+        return RunState(State.FAILED, f"done under another configuration, so not counted for this sweep: {err} "
+                                      f"Delete {job.run_dir} to run it again.")
+    return state
 
 
 def count_states(states: Sequence[RunState]) -> dict[State, int]:

@@ -258,3 +258,19 @@ def test_cli_status_and_delete(tmp_path, capsys):
     # an override changes the job list: three trials now
     main(["sweep", "status", "--spec", str(path), "--n_trials", "3", "--test_envs", "[[2]]"])
     assert "3 jobs" in capsys.readouterr().out
+
+
+def test_a_done_run_made_under_other_defaults_is_not_counted_done(tmp_path):
+    from domainfusion_bench.sweep import job_states
+    from domainfusion_bench.training import resolve_hparams, run_fingerprint
+
+    job = make_jobs(spec(tmp_path, algorithms=["ERM"], test_envs=[[0]]))[0]
+    job.run_dir.mkdir(parents=True)
+    (job.run_dir / runfiles.DONE).write_text("")
+    fingerprint = run_fingerprint(job.args, resolve_hparams(job.args))
+    runfiles.write_fingerprint(job.run_dir, fingerprint)
+    assert job_states([job])[0].state == State.DONE
+    older = {**fingerprint, "hparams_resolved": {**fingerprint["hparams_resolved"], "cnn_width": 7}}
+    runfiles.write_fingerprint(job.run_dir, older)  # same arguments (same hash), another default then
+    state = job_states([job])[0]
+    assert state.state == State.FAILED and "another configuration" in state.reason and "cnn_width" in state.reason

@@ -60,3 +60,28 @@ def test_trial_seeds_below_shared_trials_reuse_one_cached_ddpm(tmp_path):
     assert own[0] != own[1] and first.key not in own
     with pytest.raises(DfbenchError, match="shared_trials"):
         config(shared_trials=-1)
+
+
+def test_helper_models_are_shared_like_the_ddpm_and_scored_on_every_shared_out_split(tmp_path):
+    from types import SimpleNamespace
+
+    from domainfusion_bench.algorithms.validity import oracle_classifier
+    from domainfusion_bench.diffusion.store import ModelStore
+    from domainfusion_bench.diffusion.trainer import held_out_indices, shared_identity
+
+    assert shared_identity(2) == (0, "shared:0-2") and shared_identity(3) == (3, "trial:3")
+    store = ModelStore(tmp_path)
+    hp = {"og_oracle_width": 4, "og_oracle_steps": 2, "og_oracle_lr": 1e-3}
+
+    def oracle(trial):
+        context = SimpleNamespace(dataset=Toy(), train_envs=[0, 1, 2], models=store, costs=None, device="cpu",
+                                  made_by=f"trial-{trial}", heartbeat=lambda: None,
+                                  args=SimpleNamespace(trial_seed=trial, holdout_fraction=0.2))
+        return oracle_classifier(context, 16, hp)
+
+    first, second, later = oracle(0), oracle(2), oracle(3)
+    assert not first.reused and second.reused and second.key == first.key and later.key != first.key
+    assert first.info["n_train"] == sum(len(training_indices(30, e, 0, 0.2, 3)) for e in range(3))
+    union = [set().union(*(split_indices(30, s, e, 0.2)[0] for s in range(3))) for e in range(3)]
+    assert [set(held_out_indices(30, e, 1, 0.2, 3)) for e in range(3)] == union
+    assert first.info["n_val"] == sum(map(len, union)) and later.info["n_val"] == 3 * 6

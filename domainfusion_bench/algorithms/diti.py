@@ -49,7 +49,7 @@ from domainfusion_bench.diffusion.diti import (
 )
 from domainfusion_bench.diffusion.factory import MODELS_SUBDIR
 from domainfusion_bench.diffusion.store import ModelStore
-from domainfusion_bench.diffusion.trainer import default_config
+from domainfusion_bench.diffusion.trainer import SHARED_TRIALS, default_config, shared_identity, training_indices
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.protocol import split_indices
 
@@ -119,12 +119,16 @@ class DiTiFeaturizer(nn.Module):
         return z[:, self.start:self.end]
 
 
-def split_images(dataset, envs: Sequence[int], trial_seed: int, holdout_fraction: float, which: str, resolution: int):
-    """(images uint8 [N, C, r, r], classes, domain positions in ``envs``) of the ``which`` ('in'/'out') splits."""
+def split_images(dataset, envs: Sequence[int], trial_seed: int, holdout_fraction: float, which: str, resolution: int,
+                 shared_trials: int = 0):
+    """(images uint8 [N, C, r, r], classes, domain positions in ``envs``) of the ``which`` ('in'/'out') splits
+    (``shared_trials``: the images in the in-split under every shared trial seed, see ``training_indices``)."""
     xs, ys, ds = [], [], []
     for pos, env in enumerate(envs):
-        out_idx, in_idx = split_indices(len(dataset.envs[env]), trial_seed, env, holdout_fraction)
-        idx = in_idx if which == "in" else out_idx
+        if which == "in":
+            idx = training_indices(len(dataset.envs[env]), env, trial_seed, holdout_fraction, shared_trials)
+        else:
+            idx = split_indices(len(dataset.envs[env]), trial_seed, env, holdout_fraction)[0]
         data = dataset.envs[env]
         if isinstance(data, torch.utils.data.TensorDataset):
             x = resize(as_unit(data.tensors[0][torch.as_tensor(idx, dtype=torch.long)]), resolution)
@@ -143,21 +147,23 @@ def trained_encoder(backbone, dataset, train_envs, test_envs, *, store: ModelSto
                     holdout_fraction: float, config: DiTiConfig, device, costs=None, made_by: str | None = None,
                     progress: bool = True, heartbeat=None):
     """(DiTiModel with .encoder and .branch, info): from the cached-model store, or pre-trained against the
-    frozen ``backbone`` on the training domains' in-splits (never a held-out domain) and stored."""
+    frozen ``backbone`` on the training domains' in-splits (never a held-out domain) and stored. Trials 0-2
+    share one encoder, as they share the DDPM (``diffusion.trainer.SHARED_TRIALS``)."""
     res = encoder_resolution(dataset.input_shape)
+    store_seed, split = shared_identity(trial_seed)
     train_envs = sorted(int(e) for e in train_envs)
     channels = int(dataset.input_shape[0])
 
     def train(model):
-        images, _, _ = split_images(dataset, train_envs, trial_seed, holdout_fraction, "in", res)
+        images, _, _ = split_images(dataset, train_envs, trial_seed, holdout_fraction, "in", res, SHARED_TRIALS)
         names = ",".join(dataset.domains[e] for e in train_envs)
         _, _, info = pretrain_diti(backbone, images, config, device, progress, encoder_res=res, model=model,
                                    desc=f"DiTi encoder {dataset.name} on {names}", heartbeat=heartbeat)
         return info
 
     entry = store.get_or_train(
-        KIND, dataset=dataset, train_envs=train_envs, trial_seed=trial_seed, holdout_fraction=holdout_fraction,
-        config={**config.to_json(), "backbone": backbone.key, "encoder_resolution": res},
+        KIND, dataset=dataset, train_envs=train_envs, trial_seed=store_seed, holdout_fraction=holdout_fraction,
+        config={**config.to_json(), "backbone": backbone.key, "encoder_resolution": res, "split": split},
         build=lambda: build_model(backbone, config, channels, res), train=train,
         guard=LeakageGuard(dataset.name, dataset.domains, test_envs), costs=costs, made_by=made_by, device=device,
         cost_name="diti_train_seconds")

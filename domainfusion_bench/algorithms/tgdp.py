@@ -53,7 +53,7 @@ from domainfusion_bench.diffusion.density_ratio import (
     train_domain_classifier,
     train_guidance_net,
 )
-from domainfusion_bench.diffusion.trainer import InSplitImages
+from domainfusion_bench.diffusion.trainer import SHARED_TRIALS, InSplitImages, shared_identity
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.protocol import seed_hash, split_indices
 
@@ -97,11 +97,16 @@ class TGDP(GenerativeAlgorithm):
         except TypeError:  # a diffusion layer without the few-shot mode: few_shot_images() checks k itself
             return LeakageGuard(context.dataset.name, context.dataset.domains, context.test_envs)
 
+    def shared_trials(self) -> int:
+        """TGDP's helpers are shared by trials 0-2 as the DDPM is; TGDP-FS's are per trial (its target
+        images come from the trial's split)."""
+        return 0 if self.FEW_SHOT else SHARED_TRIALS
+
     def source_pool(self, context, resolution: int):
-        """(x [N, C, R, R] in [0, 1], y, domain) of the training domains' in-splits."""
+        """(x [N, C, R, R] in [0, 1], y, domain) of the training domains' in-splits (see ``shared_trials``)."""
         self.guard(context).check_sources(context.train_envs)
         data = InSplitImages(context.dataset, context.train_envs, context.args.trial_seed,
-                             context.args.holdout_fraction, resolution)
+                             context.args.holdout_fraction, resolution, self.shared_trials())
         tensors = data.tensors()
         if tensors is None:
             items = [data[k] for k in range(len(data))]
@@ -148,9 +153,10 @@ class TGDP(GenerativeAlgorithm):
         guard = self.guard(context)
         if few_shot and getattr(guard, "check_target_images", None) is None:
             guard = None  # checked in few_shot_images; the layer's few-shot guard is not there yet
+        store_seed, split = shared_identity(context.args.trial_seed, self.shared_trials())
         return context.models.get_or_train(
-            kind, dataset=context.dataset, train_envs=context.train_envs, trial_seed=context.args.trial_seed,
-            holdout_fraction=context.args.holdout_fraction, config=config, build=build, train=train,
+            kind, dataset=context.dataset, train_envs=context.train_envs, trial_seed=store_seed,
+            holdout_fraction=context.args.holdout_fraction, config={**config, "split": split}, build=build, train=train,
             few_shot=few_shot, guard=guard, costs=context.costs, made_by=context.made_by, device=context.device)
 
     # --- generation ------------------------------------------------------------------------------------
@@ -174,7 +180,7 @@ class TGDP(GenerativeAlgorithm):
             width=hp["tgdp_width"], batch_size=hp["tgdp_helper_batch_size"], classifier_steps=hp["tgdp_classifier_steps"],
             h_steps=hp["tgdp_h_steps"], consistency_weight=hp["tgdp_consistency"], cycle_weight=hp["tgdp_cycle"],
             time_classifier_steps=hp["tgdp_classifier_steps"], max_log_ratio=hp["tgdp_max_log_ratio"],
-            seed=seed_hash("TGDP", args.trial_seed))
+            seed=seed_hash("TGDP", shared_identity(args.trial_seed, self.shared_trials())[0]))
         ident = {"density_ratio": config.to_json(), "backbone": backbone.key, "targets": [t[0] for t in targets],
                  "few_shot": self.FEW_SHOT}
 

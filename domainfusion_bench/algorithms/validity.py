@@ -16,9 +16,9 @@ from torch import nn
 
 from domainfusion_bench.diffusion.backbones import Backbone, resize
 from domainfusion_bench.diffusion.oracle_guidance import ClassifierOracle, check_threshold
-from domainfusion_bench.diffusion.trainer import InSplitImages
+from domainfusion_bench.diffusion.trainer import SHARED_TRIALS, InSplitImages, held_out_indices, shared_identity
 from domainfusion_bench.errors import DfbenchError
-from domainfusion_bench.protocol import seed_hash, split_indices
+from domainfusion_bench.protocol import seed_hash
 
 ORACLE_KIND = "oracle_classifier"
 
@@ -66,16 +66,18 @@ def _images(dataset, env: int, indices: Sequence[int], resolution: int) -> tuple
 def oracle_classifier(context, resolution: int, hparams: dict[str, Any], guard=None):
     """The cached oracle (trained on the training domains' in-splits only) and its store entry.
 
-    Its accuracy on the training domains' out-splits is in ``entry.info["val_acc"]``."""
+    Trials 0-2 share one oracle, as they share the DDPM: it trains on the images in the in-split under all
+    three seeds, and its accuracy, ``entry.info["val_acc"]``, is measured on the union of their out-splits."""
     ds, args = context.dataset, context.args
     channels = int(ds.input_shape[0])
+    store_seed, split = shared_identity(args.trial_seed)
     config = {"arch": "OracleNet", "width": int(hparams["og_oracle_width"]), "steps": int(hparams["og_oracle_steps"]),
-              "lr": float(hparams["og_oracle_lr"]), "batch_size": 64, "resolution": int(resolution)}
+              "lr": float(hparams["og_oracle_lr"]), "batch_size": 64, "resolution": int(resolution), "split": split}
     if config["steps"] < 1:
         raise DfbenchError(f"og_oracle_steps must be >= 1, got {config['steps']}")
 
     def train(net: nn.Module) -> dict[str, Any]:
-        data = InSplitImages(ds, context.train_envs, args.trial_seed, args.holdout_fraction, resolution)
+        data = InSplitImages(ds, context.train_envs, args.trial_seed, args.holdout_fraction, resolution, SHARED_TRIALS)
         tensors = data.tensors()
         if tensors is None:
             items = [data[k] for k in range(len(data))]
@@ -83,7 +85,7 @@ def oracle_classifier(context, resolution: int, hparams: dict[str, Any], guard=N
         else:
             x, y, _ = tensors
         device = next(net.parameters()).device
-        g = torch.Generator().manual_seed(seed_hash("oracle", args.trial_seed))
+        g = torch.Generator().manual_seed(seed_hash("oracle", store_seed))
         opt = torch.optim.Adam(net.parameters(), lr=config["lr"], foreach=True)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, config["lr"], total_steps=config["steps"])
         net.train()
@@ -100,7 +102,7 @@ def oracle_classifier(context, resolution: int, hparams: dict[str, Any], guard=N
         correct = total = 0
         with torch.no_grad():
             for env in context.train_envs:
-                out_idx, _ = split_indices(len(ds.envs[env]), args.trial_seed, env, args.holdout_fraction)
+                out_idx = held_out_indices(len(ds.envs[env]), env, args.trial_seed, args.holdout_fraction, SHARED_TRIALS)
                 vx, vy = _images(ds, env, out_idx, resolution)
                 for start in range(0, len(vx), 256):
                     pred = net(vx[start:start + 256].to(device)).argmax(1).cpu()
@@ -109,7 +111,7 @@ def oracle_classifier(context, resolution: int, hparams: dict[str, Any], guard=N
         return {"val_acc": correct / max(1, total), "n_val": total, "n_train": len(x)}
 
     entry = context.models.get_or_train(
-        ORACLE_KIND, dataset=ds, train_envs=context.train_envs, trial_seed=args.trial_seed,
+        ORACLE_KIND, dataset=ds, train_envs=context.train_envs, trial_seed=store_seed,
         holdout_fraction=args.holdout_fraction, config=config, build=lambda: OracleNet(channels, ds.num_classes, config["width"]),
         train=train, costs=context.costs, made_by=context.made_by, device=context.device, guard=guard)
     return entry

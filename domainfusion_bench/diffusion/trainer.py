@@ -37,6 +37,10 @@ FORMAT = 1
 # (CFG 2) and 60% of img2img outputs at strength 0.5; the linear schedule gave grey images (48% / 50%),
 # 600 steps with it 35% / 55%. Samples of this default: datasets/digitstyles_ddpm_samples.png.
 DEFAULT_STEPS = 1500
+# trial seeds 0..SHARED_TRIALS-1 share the pixel DDPM and the helper models (validity oracle, TGDP's domain
+# classifiers and guidance network, the DiTi encoder): each is trained once, on images in the in-split under
+# every one of those seeds, so it never sees any of their validation images
+SHARED_TRIALS = 3
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ class DDPMTrainConfig:
     # >0: trial seeds 0..shared_trials-1 share one DDPM, trained on the images that are in the in-split
     # under EVERY one of those seeds (so it never sees any of their validation images); higher trial
     # seeds train on their own in-split. 0: one DDPM per trial seed.
-    shared_trials: int = 3
+    shared_trials: int = SHARED_TRIALS
     seed: int = 0
 
     def __post_init__(self):
@@ -80,8 +84,22 @@ def split_label(trial_seed: int, shared_trials: int) -> str:
     return f"trial:{trial_seed}"
 
 
+def shared_identity(trial_seed: int, shared_trials: int = SHARED_TRIALS) -> tuple[int, str]:
+    """(the trial seed a cached model is stored under, its split label) for a model of ``trial_seed``."""
+    label = split_label(trial_seed, shared_trials)
+    return (0 if label.startswith("shared") else trial_seed), label
+
+
+def held_out_indices(n: int, domain: int, trial_seed: int, holdout_fraction: float, shared_trials: int = 0) -> list[int]:
+    """Indices a model of ``training_indices`` never saw and may be scored on: the union of the shared trials'
+    out-splits (the trial's own out-split when it is not shared)."""
+    if not 0 <= trial_seed < shared_trials:
+        return sorted(split_indices(n, trial_seed, domain, holdout_fraction)[0])
+    return sorted(set().union(*(split_indices(n, seed, domain, holdout_fraction)[0] for seed in range(shared_trials))))
+
+
 def training_indices(n: int, domain: int, trial_seed: int, holdout_fraction: float, shared_trials: int = 0) -> list[int]:
-    """Indices of domain ``domain`` (``n`` examples) a DDPM for ``trial_seed`` may train on (see ``split_label``)."""
+    """Indices of domain ``domain`` (``n`` examples) a model for ``trial_seed`` may train on (see ``split_label``)."""
     if not 0 <= trial_seed < shared_trials:
         return sorted(split_indices(n, trial_seed, domain, holdout_fraction)[1])
     keep = set(range(n))

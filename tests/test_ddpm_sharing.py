@@ -85,3 +85,27 @@ def test_helper_models_are_shared_like_the_ddpm_and_scored_on_every_shared_out_s
     union = [set().union(*(split_indices(30, s, e, 0.2)[0] for s in range(3))) for e in range(3)]
     assert [set(held_out_indices(30, e, 1, 0.2, 3)) for e in range(3)] == union
     assert first.info["n_val"] == sum(map(len, union)) and later.info["n_val"] == 3 * 6
+
+
+def test_a_run_that_finds_the_ddpm_in_training_trains_the_oracle_meanwhile(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from domainfusion_bench.algorithms import ALGORITHMS, algorithm_space
+    from domainfusion_bench.diffusion.store import ModelStore
+
+    store = ModelStore(tmp_path)
+    hp = {**algorithm_space("CDGA", Toy).defaults(), "og_oracle_steps": 2, "og_oracle_width": 4}
+    algo = ALGORITHMS.get("CDGA")(Toy.input_shape, 3, 3, hp)
+    context = SimpleNamespace(dataset=Toy(), train_envs=[0, 1, 2], test_envs=[3], models=store, costs=None,
+                              device="cpu", made_by="run", heartbeat=lambda: None,
+                              args=SimpleNamespace(trial_seed=0, holdout_fraction=0.2))
+    oracles = lambda: list((tmp_path / "oracle_classifier").glob("*/meta.json"))  # noqa: E731
+    monkeypatch.setattr(store, "training_elsewhere", lambda kind: False)
+    algo.while_the_ddpm_trains(context)
+    assert not oracles()  # nobody is training the DDPM: this run trains it first, as before
+    monkeypatch.setattr(store, "training_elsewhere", lambda kind: kind == "pixel_ddpm")
+    algo.while_the_ddpm_trains(context)
+    assert len(oracles()) == 1
+    algo.hparams["og_measure"] = False
+    monkeypatch.setattr(store, "path_of", lambda *a: pytest.fail("no oracle without og_measure"))
+    algo.while_the_ddpm_trains(context)

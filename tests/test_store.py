@@ -66,3 +66,27 @@ def test_an_interrupted_save_is_retrained(tmp_path):
     (entry.path / META).unlink()  # as if killed between writing weights and meta
     get(store, calls)
     assert len(calls) == 2
+
+
+def test_training_elsewhere_sees_a_model_lock_held_by_another_process(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    store = ModelStore(tmp_path)
+    assert not store.training_elsewhere("pixel_ddpm")  # nothing there
+    lock = tmp_path / "pixel_ddpm" / "abc.lock"
+    lock.parent.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", f"from filelock import FileLock; import time\n"
+                               f"with FileLock({str(lock)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert store.training_elsewhere("pixel_ddpm") and not store.training_elsewhere("oracle_classifier")
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.time() + 10
+    while store.training_elsewhere("pixel_ddpm") and time.time() < deadline:
+        time.sleep(0.1)
+    assert not store.training_elsewhere("pixel_ddpm")  # released with its process

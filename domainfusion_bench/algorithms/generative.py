@@ -16,12 +16,12 @@ from typing import Any, Sequence
 import torch
 
 from domainfusion_bench.algorithms.erm import ERM
-from domainfusion_bench.algorithms.validity import judge_generation, oracle_hparams
-from domainfusion_bench.diffusion import DDIMSampler, SamplerConfig, build_backbone
+from domainfusion_bench.algorithms.validity import judge_generation, oracle_classifier, oracle_hparams
+from domainfusion_bench.diffusion import DDIMSampler, LeakageGuard, SamplerConfig, build_backbone
 from domainfusion_bench.diffusion.backbones import Backbone, resize
 from domainfusion_bench.diffusion.cache import quantize
 from domainfusion_bench.diffusion.samplers import GuidanceTerm
-from domainfusion_bench.diffusion.trainer import DEFAULT_STEPS
+from domainfusion_bench.diffusion.trainer import DEFAULT_STEPS, default_config
 
 PREVIEW_IMAGES = 8  # per (stage, domain) in the run's previews/ folder and the HTML leaderboard
 
@@ -98,7 +98,19 @@ class GenerativeAlgorithm(ERM):
         self._context = context
         devices = [context.device] if torch.device(context.device).type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
+            self.while_the_ddpm_trains(context)
             return self.generate(context)
+
+    def while_the_ddpm_trains(self, context: Any) -> None:
+        """When another run is training the shared pixel DDPM, train the helper model that does not need it
+        (the validity oracle) now, rather than wait for the DDPM and then for the oracle in turn: two runs
+        that start together then train the two in parallel."""
+        spec = str(self.hparams.get("diffusion_backbone", ""))
+        if not self.hparams.get("og_measure") or spec != "pixel_ddpm" or not context.models.training_elsewhere("pixel_ddpm"):
+            return
+        ds = context.dataset
+        oracle_classifier(context, default_config(ds).model.resolution, self.hparams,
+                          guard=LeakageGuard(ds.name, ds.domains, context.test_envs))
 
     def generate(self, context: Any):
         raise NotImplementedError(f"{type(self).__name__} must implement generate(context)")

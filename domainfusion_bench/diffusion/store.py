@@ -89,6 +89,19 @@ class ModelStore:
     def path_of(self, kind: str, key: str) -> Path:
         return self.root / kind / key[:24]
 
+    def training_elsewhere(self, kind: str) -> bool:
+        """Whether another process holds the lock of some model of ``kind`` right now (it is training it)."""
+        from filelock import FileLock, Timeout
+
+        for lock in sorted((self.root / kind).glob("*.lock")):
+            probe = FileLock(str(lock), timeout=0)
+            try:
+                probe.acquire()
+            except Timeout:
+                return True
+            probe.release()
+        return False
+
     def get_or_train(self, kind: str, *, dataset, train_envs: Sequence[int], trial_seed: int,
                      holdout_fraction: float, config: dict[str, Any], build: Callable[[], Any],
                      train: Callable[[Any], dict[str, Any] | None], seen_envs: Sequence[int] | None = None,

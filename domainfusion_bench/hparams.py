@@ -101,6 +101,7 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "resnet_dropout": (0, True, 1, False),
     "cnn_width": (1, True, None, False),
     "diti_finetune_batch": (0, True, None, False),
+    "df_ld_batch": (0, True, None, False),
 }
 
 

@@ -340,3 +340,30 @@ def test_ablation_variants_and_their_hyperparameters(df_runs):
     bad = ALGORITHMS.get("DomainFusion")((3, 32, 32), 10, 3, {**spaces["DomainFusion"].defaults(), "df_target": "held-out"})
     with pytest.raises(DfbenchError, match="df_target must be one of"):
         bad.check_hparams()
+
+
+def test_distillation_reads_an_even_stride_of_the_minibatch(monkeypatch):
+    from types import SimpleNamespace
+
+    from domainfusion_bench.algorithms import ALGORITHMS, algorithm_space
+    from domainfusion_bench.algorithms import domainfusion as df
+    from domainfusion_bench.data import dataset_class
+
+    hp = {**algorithm_space("DomainFusion-LD", dataset_class("DigitStyles")).defaults(), "df_ld_batch": 4}
+    algo = ALGORITHMS.get("DomainFusion-LD")((3, 32, 32), 10, 3, hp)
+    seen = []
+
+    def recorder(backbone, x01, p_true, y, **kw):
+        seen.append((x01.clone(), p_true, y))
+        return SimpleNamespace(loss=(p_true * 0).sum())
+
+    monkeypatch.setattr(df, "latent_distillation", recorder)
+    algo._diffusion, algo._context = object(), SimpleNamespace(dataset=SimpleNamespace(to_unit=lambda x: x))
+    x = torch.arange(12.0).view(12, 1, 1, 1).expand(12, 3, 32, 32)  # 3 domains x 4 images, tagged by value
+    minibatches = [(x[4 * d:4 * d + 4], torch.arange(4) + d) for d in range(3)]
+    algo.loss(minibatches)
+    x01, p_true, y = seen[-1]
+    assert x01[:, 0, 0, 0].tolist() == [0.0, 3.0, 6.0, 9.0] and y.tolist() == [0, 3, 3, 3] and len(p_true) == 4
+    algo.hparams["df_ld_batch"] = 0  # the default: every image, as the paper
+    algo.loss(minibatches)
+    assert len(seen[-1][0]) == 12

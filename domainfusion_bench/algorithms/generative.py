@@ -109,8 +109,8 @@ class GenerativeAlgorithm(ERM):
         if not self.hparams.get("og_measure") or spec != "pixel_ddpm" or not context.models.training_elsewhere("pixel_ddpm"):
             return
         ds = context.dataset
-        oracle_classifier(context, default_config(ds).model.resolution, self.hparams,
-                          guard=LeakageGuard(ds.name, ds.domains, context.test_envs))
+        oracle_classifier(context, default_config(ds).model.resolution, self.hparams,  # charged when it is used
+                          guard=LeakageGuard(ds.name, ds.domains, context.test_envs), charge=False)
 
     def generate(self, context: Any):
         raise NotImplementedError(f"{type(self).__name__} must implement generate(context)")

@@ -63,7 +63,7 @@ def _images(dataset, env: int, indices: Sequence[int], resolution: int) -> tuple
     return (torch.cat(xs) if xs else torch.zeros(0)), torch.tensor(ys, dtype=torch.long)
 
 
-def oracle_classifier(context, resolution: int, hparams: dict[str, Any], guard=None):
+def oracle_classifier(context, resolution: int, hparams: dict[str, Any], guard=None, charge: bool = True):
     """The cached oracle (trained on the training domains' in-splits only) and its store entry.
 
     Trials 0-2 share one oracle, as they share the DDPM: it trains on the images in the in-split under all
@@ -113,7 +113,7 @@ def oracle_classifier(context, resolution: int, hparams: dict[str, Any], guard=N
     entry = context.models.get_or_train(
         ORACLE_KIND, dataset=ds, train_envs=context.train_envs, trial_seed=store_seed,
         holdout_fraction=args.holdout_fraction, config=config, build=lambda: OracleNet(channels, ds.num_classes, config["width"]),
-        train=train, costs=context.costs, made_by=context.made_by, device=context.device, guard=guard)
+        train=train, costs=context.costs if charge else None, made_by=context.made_by, device=context.device, guard=guard)
     return entry
 
 

@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import gc
 import json
+import multiprocessing as mp
 import os
 import re
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import itemgetter
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -279,9 +281,26 @@ class _FrameBuilder:
                                                or any(_is_number(v) for v in pending.values[j::len(kept)])):
                     self.usable.add(key)
 
-    def frame(self) -> pd.DataFrame:
+    def finish(self) -> None:
+        """Convert what is pending (before ``frame``, or before sending the builder to another process)."""
         for kept in list(self.pending):
             self._convert(kept)
+        self._args, self._base, self._kept = _NO_ARGS, None, {}
+
+    def extend(self, other: "_FrameBuilder") -> None:
+        """Append another (finished) builder's rows after these."""
+        other.finish()
+        offset = self.n
+        self.blocks += [[run, base, first + offset, n] for run, base, first, n in other.blocks]
+        self.steps += other.steps
+        for kept, parts in other.numbers.items():
+            self.numbers.setdefault(kept, []).extend((rows + offset, matrix) for rows, matrix in parts)
+        self.usable |= other.usable
+        self.diverged += [offset + i for i in other.diverged]
+        self.n += other.n
+
+    def frame(self) -> pd.DataFrame:
+        self.finish()
         if not self.n:
             return _frame({})
         lengths = np.array([b[3] for b in self.blocks], dtype=np.int64)
@@ -483,64 +502,122 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def load_records(root: str | Path, include_incomplete: bool = False, warn: bool = True) -> Collection:
-    """Every record of every run dir below ``root`` (a sweep dir, a folder of sweeps, or one run dir)."""
+PARALLEL_MIN_RUNS = 2000  # below this, starting worker processes costs more than it saves
+
+
+class _RunRead(NamedTuple):
+    """What reading one run dir gave (in a worker or not); its records are in the builder's blocks."""
+
+    name: str
+    done: bool
+    error: str | None = None  # results.jsonl could not be read
+    skipped: int = 0
+    first_block: int = 0
+    n_blocks: int = 0
+    domains: tuple[str, ...] | None = None
+
+
+def _read_runs(runs: Sequence[tuple[str, str, bool]], include_incomplete: bool) -> tuple[list[_RunRead], _FrameBuilder]:
+    """Read run dirs ``(path, name, done)`` in order into one frame builder."""
+    builder, splits_seen, out = _FrameBuilder(), {}, []
+    with _no_gc():
+        for run_dir, name, done in runs:
+            if not done and not include_incomplete:
+                out.append(_RunRead(name, done))
+                continue
+            results = os.path.join(run_dir, runfiles.RESULTS)
+            try:
+                records, skipped = runfiles.read_records(results)
+            except (OSError, UnicodeDecodeError) as err:
+                out.append(_RunRead(name, done, error=f"could not read {results}: {err}"))
+                continue
+            first = len(builder.blocks)
+            bad, blocks = builder.add(records, name)
+            del records
+            domains = _splits_domains(run_dir, splits_seen) if blocks else None
+            out.append(_RunRead(name, done, None, skipped + bad, first, len(blocks), domains))
+        builder.finish()
+    return out, builder
+
+
+def _workers(n_runs: int, workers: int | None) -> int:
+    if workers is None:
+        if n_runs < PARALLEL_MIN_RUNS or "fork" not in mp.get_all_start_methods():
+            return 1
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(int(workers), 8, n_runs))
+
+
+def load_records(root: str | Path, include_incomplete: bool = False, warn: bool = True,
+                 workers: int | None = None) -> Collection:
+    """Every record of every run dir below ``root`` (a sweep dir, a folder of sweeps, or one run dir).
+
+    ``workers``: processes that read run dirs (default: one per CPU core for sweeps of 2,000 runs or
+    more, where parsing is most of the time); the result does not depend on it.
+    """
     root = Path(root)
     if not root.exists():
         raise DfbenchError(f"{root} does not exist: give the output dir of a sweep or of a run")
     if not root.is_dir():
         raise DfbenchError(f"{root} is not a directory: give the output dir of a sweep or of a run")
     coll = Collection(root=str(root), records=_frame({}))
-    domains_from_runs: dict[str, list[str]] = {}
-    keys_seen: dict[tuple, str] = {}
-    splits_seen: dict[bytes, tuple[str, ...] | None] = {}
-    builder = _FrameBuilder()
     top = str(root)
-    with _no_gc():
-        for run_dir, done in _run_dirs(root):
-            name = run_dir[len(top) + 1:] if run_dir != top else "."
-            if not done and not include_incomplete:
-                coll.incomplete_runs.append(name)
-                continue
-            results = os.path.join(run_dir, runfiles.RESULTS)
-            try:
-                records, skipped = runfiles.read_records(results)
-            except (OSError, UnicodeDecodeError) as err:
-                coll.skipped_by_file[name] = coll.skipped_by_file.get(name, 0) + 1
-                coll.skipped_lines += 1
-                if warn:
-                    warnings.warn(f"could not read {results}: {err}", CollectWarning, stacklevel=2)
-                continue
-            bad, blocks = builder.add(records, name)
-            del records
-            skipped += bad
-            if skipped:
-                coll.skipped_by_file[name] = skipped
-                coll.skipped_lines += skipped
-            if not blocks:
-                continue
-            if not done:
-                coll.included_incomplete.append(name)
-            dataset, names = blocks[0][1]["dataset"], _splits_domains(run_dir, splits_seen)
-            if names and domains_from_runs.setdefault(dataset, names) != names:  # another version of the dataset
-                dataset = f"{dataset} ({', '.join(names)})"
-                domains_from_runs.setdefault(dataset, names)
-                for block in blocks:
-                    block[1] = {**block[1], "dataset": dataset}
-            coll.runs += 1
-            # after the renaming: runs of two versions of a dataset are not repeats of each other
-            for key in {tuple(block[1][k] for k in RUN_KEY) + (block[1].get(OVERRIDES),) for block in blocks}:
-                if key in keys_seen and keys_seen[key] != name:
-                    coll.duplicate_runs += 1
-                keys_seen.setdefault(key, name)
-        coll.records = builder.frame()
+    runs = [(d, d[len(top) + 1:] if d != top else ".", done) for d, done in _run_dirs(root)]
+    n = _workers(len(runs), workers)
+    if n == 1:
+        parts = [_read_runs(runs, include_incomplete)]
+    else:  # contiguous slices, merged in order: the frame is the one a single process builds
+        bounds = np.linspace(0, len(runs), n + 1).astype(int)
+        slices = [runs[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+        with ProcessPoolExecutor(n, mp_context=mp.get_context("fork")) as pool:
+            parts = list(pool.map(_read_runs, slices, [include_incomplete] * n))
+    builder, reads = parts[0][1], list(parts[0][0])
+    for part_reads, part in parts[1:]:
+        offset = len(builder.blocks)
+        reads += [r._replace(first_block=r.first_block + offset) for r in part_reads]
+        builder.extend(part)
 
-    for dataset, n in sorted(infer_n_envs(coll.records).items()):
+    domains_from_runs: dict[str, tuple[str, ...]] = {}
+    keys_seen: dict[tuple, str] = {}
+    for read in reads:
+        name = read.name
+        if not read.done and not include_incomplete:
+            coll.incomplete_runs.append(name)
+            continue
+        if read.error is not None:
+            coll.skipped_by_file[name] = coll.skipped_by_file.get(name, 0) + 1
+            coll.skipped_lines += 1
+            if warn:
+                warnings.warn(read.error, CollectWarning, stacklevel=2)
+            continue
+        if read.skipped:
+            coll.skipped_by_file[name] = read.skipped
+            coll.skipped_lines += read.skipped
+        if not read.n_blocks:
+            continue
+        if not read.done:
+            coll.included_incomplete.append(name)
+        blocks = builder.blocks[read.first_block:read.first_block + read.n_blocks]
+        dataset, names = blocks[0][1]["dataset"], read.domains
+        if names and domains_from_runs.setdefault(dataset, names) != names:  # another version of the dataset
+            dataset = f"{dataset} ({', '.join(names)})"
+            domains_from_runs.setdefault(dataset, names)
+            for block in blocks:
+                block[1] = {**block[1], "dataset": dataset}
+        coll.runs += 1
+        # after the renaming: runs of two versions of a dataset are not repeats of each other
+        for key in {tuple(block[1][k] for k in RUN_KEY) + (block[1].get(OVERRIDES),) for block in blocks}:
+            if key in keys_seen and keys_seen[key] != name:
+                coll.duplicate_runs += 1
+            keys_seen.setdefault(key, name)
+    coll.records = builder.frame()
+
+    for dataset, n_envs in sorted(infer_n_envs(coll.records).items()):
         names = domains_from_runs.get(dataset)
-        if not names or len(names) != n:
+        if not names or len(names) != n_envs:
             names = DOMAINBED_ENVIRONMENTS.get(dataset)
-        if not names or len(names) != n:  # unknown dataset, or records that disagree with the list
-            names = [f"env{i}" for i in range(n)]
+        if not names or len(names) != n_envs:  # unknown dataset, or records that disagree with the list
+            names = [f"env{i}" for i in range(n_envs)]
         coll.domains[dataset] = list(names)
 
     if warn:

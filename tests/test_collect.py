@@ -213,3 +213,18 @@ def test_columnar_loading_equals_the_record_by_record_rule(monkeypatch, chunk):
     assert bad == sum(row is None for row, _ in rows) and bad > 5
     assert "metric_only_text" not in frame and frame["env0_in_acc"].isna().any()
     pd.testing.assert_frame_equal(frame, expected, check_exact=True)
+
+
+def test_reading_with_worker_processes_gives_the_same_collection(tmp_path):
+    import pandas as pd
+
+    make_sweep(tmp_path, {"D": ["a", "b", "c"]}, ["ERM", "Gen"], n_trials=2, n_hparams=2, pairs=True)
+    write_run(tmp_path, "zz-broken", two_records(trial=7), done=True)
+    (tmp_path / "zz-broken" / "results.jsonl").write_bytes(b'{"step": 0, "ar')  # half-written, no record left
+    one = load_records(tmp_path, workers=1, warn=False)
+    for n in (2, 3):
+        many = load_records(tmp_path, workers=n, warn=False)
+        pd.testing.assert_frame_equal(many.records, one.records, check_exact=True)
+        assert (many.runs, many.skipped_by_file, many.domains, many.duplicate_runs) == \
+            (one.runs, one.skipped_by_file, one.domains, one.duplicate_runs)
+    assert one.runs > 10 and one.skipped_by_file == {"zz-broken": 1}

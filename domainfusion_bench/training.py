@@ -204,6 +204,10 @@ class Runtime:
         step = LossStep(algorithm)
         trainable = {id(p) for p in params}
         frozen = [f"algorithm.{name}" for name, p in algorithm.named_parameters() if id(p) not in trainable]
+        for prefix, module in algorithm.named_modules():  # and the buffers of wholly frozen modules
+            own = list(module.parameters())
+            if own and not any(id(p) in trainable for p in own):
+                frozen += [f"algorithm.{prefix}.{name}".replace("..", ".") for name, _ in module.named_buffers()]
         # frozen helper models (diffusion backbones, oracles) are neither broadcast nor all-reduced
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(step, frozen)
         self.ddp = self.accelerator.prepare(step)

@@ -502,7 +502,7 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
-PARALLEL_MIN_RUNS = 2000  # below this, starting worker processes costs more than it saves
+PARALLEL_MIN_RUNS = 20000  # below this (360k records), forking and merging cost more than they save
 
 
 class _RunRead(NamedTuple):
@@ -552,8 +552,8 @@ def load_records(root: str | Path, include_incomplete: bool = False, warn: bool 
                  workers: int | None = None) -> Collection:
     """Every record of every run dir below ``root`` (a sweep dir, a folder of sweeps, or one run dir).
 
-    ``workers``: processes that read run dirs (default: one per CPU core for sweeps of 2,000 runs or
-    more, where parsing is most of the time); the result does not depend on it.
+    ``workers``: processes that read run dirs (default: one per CPU core, at most 8, for sweeps of 20,000
+    runs or more, where parsing is most of the time); the result does not depend on it.
     """
     root = Path(root)
     if not root.exists():

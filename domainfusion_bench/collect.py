@@ -21,13 +21,20 @@ The frame has one row per record and these columns:
 
 from __future__ import annotations
 
+import gc
 import json
+import multiprocessing as mp
+import os
 import re
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import itemgetter
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -139,66 +146,197 @@ def _args_row(args: Any) -> dict[str, Any] | None:
     return row
 
 
-def _kept(keys: tuple[str, ...]) -> tuple[str, ...]:
-    kept = []
-    for key in keys:
-        keep = _KEEP.get(key)
-        if keep is None:
-            keep = _KEEP[key] = type(key) is str and (bool(ACC_KEY.match(key)) or key in COST_KEY_SET
-                                                      or key.startswith(COST_PREFIX) or key.startswith(METRIC_PREFIX))
-        if keep:
-            kept.append(key)
-    return tuple(kept)
+def _keep(key: Any) -> bool:
+    keep = _KEEP.get(key)
+    if keep is None:
+        keep = _KEEP[key] = type(key) is str and (bool(ACC_KEY.match(key)) or key in COST_KEY_SET
+                                                  or key.startswith(COST_PREFIX) or key.startswith(METRIC_PREFIX))
+    return keep
 
 
-class _Flattener:
-    """Records -> frame rows. The records of one run share their ``args`` and their key set: both are
-    worked out once per distinct value, not once per record (1.8M records of a DomainBed-size sweep)."""
+_NUMBER_OR_NONE = frozenset({float, int, type(None)})
+
+
+def _numbers(values: list[Any], width: int) -> np.ndarray:
+    """Raw record values, ``width`` per record, as a float64 matrix (records x width); NaN where a value is
+    missing (None) or not a number (bools and strings are not numbers)."""
+    if _NUMBER_OR_NONE.issuperset(map(type, values)):  # JSON numbers and nulls: numpy converts them itself
+        try:
+            return np.array(values, dtype=np.float64).reshape(-1, width)
+        except OverflowError:  # an int beyond float range: the slow path says which
+            pass
+    out = []
+    for value in values:
+        try:
+            number = _as_float(value)
+        except OverflowError:
+            number = None
+        out.append(np.nan if number is None else number)
+    return np.array(out, dtype=np.float64).reshape(-1, width)
+
+
+class _Pending:
+    """Raw values of one key set (``kept``) waiting to become a matrix: converted a million at a time, not
+    per run, so that the cost per run stays a few list operations."""
+
+    LIMIT = 1 << 20
 
     def __init__(self) -> None:
-        self._args: Any = None
-        self._args_row: dict[str, Any] | None = None
-        self._keys: dict[tuple, tuple[str, ...]] = {}
-        self.base: dict[str, Any] | None = None  # the args part of the last row made
+        self.values: list[Any] = []
+        self.rows: list[tuple[int, int]] = []  # (first row, rows) of each block
 
-    def __call__(self, record: Any) -> dict[str, Any] | None:
-        if not isinstance(record, Mapping):
-            return None
-        args = record.get("args")
-        if args is not self._args and args != self._args:
-            self._args, self._args_row = args, _args_row(args)
-        base = self._args_row
-        if base is None:
-            return None
-        self.base = base
-        step = record.get("step")
-        if type(step) is not int:
-            step = _as_int(step)
-            if step is None:
-                return None
-        row = base.copy()
-        row["step"] = step
-        keys = tuple(record)
-        kept = self._keys.get(keys)
+
+class _FrameBuilder:
+    """Records -> frame columns, built per block of records that share their ``args`` (the records of
+    one run), never one dict per record: a DomainBed-size sweep has 1.8M records. Every record is still
+    checked on its own: a usable ``args`` and an integer ``step``; kept keys whose value is not a number
+    are NaN, as if absent."""
+
+    def __init__(self) -> None:
+        self.n = 0  # rows so far
+        self.blocks: list[list[Any]] = []  # [run name, base row (the args part), first row, rows]
+        self.steps: list[int] = []
+        self.numbers: dict[tuple[str, ...], list[tuple[np.ndarray, np.ndarray]]] = {}  # kept -> (rows, matrix)
+        self.pending: dict[tuple[str, ...], _Pending] = {}
+        self.usable: set[str] = set()  # number columns with at least one usable value
+        self.diverged: list[int] = []  # rows of diverged records
+        self._kept: dict[frozenset, tuple[str, ...]] = {}
+        self._args: Any = _NO_ARGS
+        self._base: dict[str, Any] | None = None
+
+    def add(self, records: Iterable[Any], run: str) -> tuple[int, list[list[Any]]]:
+        """Add one run's records; returns (records that are not usable, the blocks added)."""
+        bad, added, block = 0, [], []
+        if type(records) is list and records and set(map(type, records)) == {dict}:
+            args = records[0].get("args")
+            if [r.get("args") for r in records].count(args) == len(records):  # the usual run: one args
+                if args is not self._args and args != self._args:
+                    self._args, self._base = args, _args_row(args)
+                if self._base is None:
+                    return len(records), added
+                return self._close(records, run, added), added
+        for record in records:
+            if type(record) is not dict and not isinstance(record, Mapping):
+                bad += 1
+                continue
+            args = record.get("args")
+            if args is not self._args and args != self._args:
+                if block:
+                    bad += self._close(block, run, added)
+                    block = []
+                self._args, self._base = args, _args_row(args)
+            if self._base is None:
+                bad += 1
+                continue
+            block.append(record)
+        if block:
+            bad += self._close(block, run, added)
+        return bad, added
+
+    def _close(self, block: list[Mapping], run: str, added: list[list[Any]]) -> int:
+        steps = [r.get("step") for r in block]
+        bad = 0
+        if set(map(type, steps)) != {int}:
+            steps = [s if type(s) is int else _as_int(s) for s in steps]
+            keep = [s is not None for s in steps]
+            bad = keep.count(False)
+            block = [r for r, k in zip(block, keep) if k]
+            steps = [s for s in steps if s is not None]
+            if not block:
+                return bad
+        keys = frozenset().union(*block)
+        kept = self._kept.get(keys)
         if kept is None:
-            kept = self._keys[keys] = _kept(keys)
-        for key in kept:
-            value = record[key]
-            kind = type(value)
-            if kind is float or kind is int:
-                row[key] = float(value)
-            else:
-                number = _as_float(value)
-                if number is not None:
-                    row[key] = number
-        if record.get("diverged_at") is not None:
-            row["diverged"] = 1.0
-        return row
+            kept = self._kept[keys] = tuple(sorted(k for k in keys if _keep(k)))
+        first, n = self.n, len(block)
+        if kept:
+            pending = self.pending.get(kept)
+            if pending is None:
+                pending = self.pending[kept] = _Pending()
+            try:  # the usual block: every record has every key
+                rows = list(map(itemgetter(*kept), block))
+                if len(kept) == 1:
+                    pending.values += rows
+                else:
+                    pending.values += chain.from_iterable(rows)
+            except KeyError:
+                pending.values += [r.get(k) for r in block for k in kept]
+            pending.rows.append((first, n))
+            if len(pending.values) >= _Pending.LIMIT:
+                self._convert(kept)
+        if "diverged_at" in keys:
+            self.diverged += [first + i for i, r in enumerate(block) if r.get("diverged_at") is not None]
+        self.steps += steps
+        entry = [run, self._base, first, n]
+        self.blocks.append(entry)
+        added.append(entry)
+        self.n += n
+        return bad
+
+    def _convert(self, kept: tuple[str, ...]) -> None:
+        pending = self.pending.pop(kept)
+        matrix = _numbers(pending.values, len(kept))
+        rows = np.concatenate([np.arange(first, first + n) for first, n in pending.rows])
+        self.numbers.setdefault(kept, []).append((rows, matrix))
+        if not self.usable.issuperset(kept):
+            for j, key in enumerate(kept):
+                if key not in self.usable and (not np.isnan(matrix[:, j]).all()
+                                               or any(_is_number(v) for v in pending.values[j::len(kept)])):
+                    self.usable.add(key)
+
+    def finish(self) -> None:
+        """Convert what is pending (before ``frame``, or before sending the builder to another process)."""
+        for kept in list(self.pending):
+            self._convert(kept)
+        self._args, self._base, self._kept = _NO_ARGS, None, {}
+
+    def extend(self, other: "_FrameBuilder") -> None:
+        """Append another (finished) builder's rows after these."""
+        other.finish()
+        offset = self.n
+        self.blocks += [[run, base, first + offset, n] for run, base, first, n in other.blocks]
+        self.steps += other.steps
+        for kept, parts in other.numbers.items():
+            self.numbers.setdefault(kept, []).extend((rows + offset, matrix) for rows, matrix in parts)
+        self.usable |= other.usable
+        self.diverged += [offset + i for i in other.diverged]
+        self.n += other.n
+
+    def frame(self) -> pd.DataFrame:
+        self.finish()
+        if not self.n:
+            return _frame({})
+        lengths = np.array([b[3] for b in self.blocks], dtype=np.int64)
+        bases = [b[1] for b in self.blocks]
+        cols: dict[str, Any] = {"run": np.repeat(np.array([b[0] for b in self.blocks], dtype=object), lengths)}
+        for key in ("dataset", "algorithm"):
+            cols[key] = np.repeat(np.array([b[key] for b in bases], dtype=object), lengths)
+        for key in ("trial_seed", "hparams_seed", "test_env", "test_env2", "n_test_envs"):
+            cols[key] = np.repeat(np.array([b[key] for b in bases], dtype=np.int64), lengths)
+        cols["step"] = np.array(self.steps, dtype=np.int64)
+        if any(OVERRIDES in b for b in bases):
+            cols[OVERRIDES] = np.repeat(np.array([b.get(OVERRIDES) for b in bases], dtype=object), lengths)
+        for kept, parts in self.numbers.items():
+            for rows, matrix in parts:
+                for j, key in enumerate(kept):
+                    if key in self.usable:
+                        if key not in cols:
+                            cols[key] = np.full(self.n, np.nan)
+                        cols[key][rows] = matrix[:, j]
+        if self.diverged:
+            cols["diverged"] = np.full(self.n, np.nan)
+            cols["diverged"][self.diverged] = 1.0
+        return _frame(cols)
 
 
-def _flatten(record: Any) -> dict[str, Any] | None:
-    """The frame row of one record, or None when it is not a usable record."""
-    return _Flattener()(record)
+_NO_ARGS = object()
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        return _as_float(value) is not None
+    except OverflowError:
+        return False
 
 
 def _acc_sort_key(name: str) -> tuple[int, int]:
@@ -232,8 +370,8 @@ def _split_variants(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    df = pd.DataFrame.from_records(rows) if rows else pd.DataFrame(columns=KEY_COLUMNS)
+def _frame(columns: Mapping[str, Any]) -> pd.DataFrame:
+    df = pd.DataFrame(dict(columns)) if columns else pd.DataFrame(columns=KEY_COLUMNS)
     df = _split_variants(df)
     for col in KEY_COLUMNS:
         if col not in df:
@@ -256,20 +394,38 @@ def records_to_frame(records: Iterable[Any], run: str | Sequence[str] = "run") -
     runs = [run] * len(records) if isinstance(run, str) else list(run)
     if len(runs) != len(records):
         raise ValueError("one run name per record, or one for all")
-    rows, bad = [], 0
-    flatten = _Flattener()
-    for record, run_name in zip(records, runs):
-        row = flatten(record)
-        if row is None:
-            bad += 1
-            continue
-        row["run"] = run_name
-        rows.append(row)
-    return _frame(rows), bad
+    builder, bad, i = _FrameBuilder(), 0, 0
+    while i < len(records):  # consecutive records of one run go in together
+        j = i + 1
+        while j < len(records) and runs[j] == runs[i]:
+            j += 1
+        bad += builder.add(records[i:j], runs[i])[0]
+        i = j
+    return builder.frame(), bad
 
 
-def _splits_domains(run_dir: Path) -> list[str] | None:
-    data = runfiles.read_json(run_dir / runfiles.SPLITS)
+def _splits_domains(run_dir: str, seen: dict[bytes, tuple[str, ...] | None]) -> list[str] | None:
+    """Domain names from a run's splits.json; ``seen`` remembers small files by their text (the runs of a
+    sweep share one text per trial)."""
+    try:
+        with open(os.path.join(run_dir, runfiles.SPLITS), "rb", buffering=0) as f:
+            text = f.readall()
+    except OSError:  # missing (DomainBed's run dirs) or unreadable
+        return None
+    if text in seen:
+        names = seen[text]
+    else:
+        names = _parse_splits_domains(text)
+        if len(text) < 1 << 16:  # not an old run's splits.json with every index
+            seen[text] = names
+    return None if names is None else list(names)
+
+
+def _parse_splits_domains(text: bytes) -> tuple[str, ...] | None:
+    try:
+        data = runfiles.loads(text)
+    except ValueError:  # not JSON
+        return None
     if not isinstance(data, dict):
         return None
     names = {}
@@ -279,7 +435,7 @@ def _splits_domains(run_dir: Path) -> list[str] | None:
             names[int(m.group(1))] = value["domain"]
     if not names or sorted(names) != list(range(len(names))):
         return None
-    return [names[i] for i in range(len(names))]
+    return tuple(names[i] for i in range(len(names)))
 
 
 # DomainBed's own environment labels (its datasets.py ENVIRONMENTS), for DomainBed run dirs: they have no
@@ -306,73 +462,165 @@ def infer_n_envs(records: pd.DataFrame) -> dict[str, int]:
         idx = np.array([int(ACC_KEY.match(c).group(1)) for c in acc_cols])
         has = records[acc_cols].notna().to_numpy()
         hi = np.maximum(hi, np.where(has, idx[None, :], -1).max(axis=1))
-    return pd.Series(hi + 1, index=records["dataset"].to_numpy()).groupby(level=0).max().astype(int).to_dict()
+    codes, names = pd.factorize(records["dataset"])
+    most = np.full(len(names), -1, dtype=np.int64)
+    np.maximum.at(most, codes, hi.astype(np.int64))
+    return {name: int(n) + 1 for name, n in zip(names, most)}
 
 
-def load_records(root: str | Path, include_incomplete: bool = False, warn: bool = True) -> Collection:
-    """Every record of every run dir below ``root`` (a sweep dir, a folder of sweeps, or one run dir)."""
+def _run_dirs(root: Path) -> list[tuple[str, bool]]:
+    """(path, has a ``done`` file) of every directory below ``root`` that holds a results.jsonl, in the
+    order of ``runfiles.iter_run_dirs`` (path components compared in turn); one listing per directory,
+    symlinked directories not followed (as ``os.walk``)."""
+    found, todo = [], [str(root)]
+    while todo:
+        top = todo.pop()
+        files, names = set(), set()
+        try:
+            with os.scandir(top) as entries:
+                for entry in entries:
+                    names.add(entry.name)
+                    if entry.is_dir(follow_symlinks=False):
+                        todo.append(entry.path)
+                    else:
+                        files.add(entry.name)
+        except OSError:  # unreadable or vanished directory: os.walk skips it too
+            continue
+        if runfiles.RESULTS in files:
+            found.append((top, runfiles.DONE in names))
+    found.sort(key=lambda item: item[0].split(os.sep))
+    return found
+
+
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """Collect garbage after, not during, loading: the records of a big sweep are millions of young
+    containers, and the cyclic collector would walk them again and again (about a third of the time)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+PARALLEL_MIN_RUNS = 20000  # below this (360k records), forking and merging cost more than they save
+
+
+class _RunRead(NamedTuple):
+    """What reading one run dir gave (in a worker or not); its records are in the builder's blocks."""
+
+    name: str
+    done: bool
+    error: str | None = None  # results.jsonl could not be read
+    skipped: int = 0
+    first_block: int = 0
+    n_blocks: int = 0
+    domains: tuple[str, ...] | None = None
+
+
+def _read_runs(runs: Sequence[tuple[str, str, bool]], include_incomplete: bool) -> tuple[list[_RunRead], _FrameBuilder]:
+    """Read run dirs ``(path, name, done)`` in order into one frame builder."""
+    builder, splits_seen, out = _FrameBuilder(), {}, []
+    with _no_gc():
+        for run_dir, name, done in runs:
+            if not done and not include_incomplete:
+                out.append(_RunRead(name, done))
+                continue
+            results = os.path.join(run_dir, runfiles.RESULTS)
+            try:
+                records, skipped = runfiles.read_records(results)
+            except (OSError, UnicodeDecodeError) as err:
+                out.append(_RunRead(name, done, error=f"could not read {results}: {err}"))
+                continue
+            first = len(builder.blocks)
+            bad, blocks = builder.add(records, name)
+            del records
+            domains = _splits_domains(run_dir, splits_seen) if blocks else None
+            out.append(_RunRead(name, done, None, skipped + bad, first, len(blocks), domains))
+        builder.finish()
+    return out, builder
+
+
+def _workers(n_runs: int, workers: int | None) -> int:
+    if workers is None:
+        if n_runs < PARALLEL_MIN_RUNS or "fork" not in mp.get_all_start_methods():
+            return 1
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(int(workers), 8, n_runs))
+
+
+def load_records(root: str | Path, include_incomplete: bool = False, warn: bool = True,
+                 workers: int | None = None) -> Collection:
+    """Every record of every run dir below ``root`` (a sweep dir, a folder of sweeps, or one run dir).
+
+    ``workers``: processes that read run dirs (default: one per CPU core, at most 8, for sweeps of 20,000
+    runs or more, where parsing is most of the time); the result does not depend on it.
+    """
     root = Path(root)
     if not root.exists():
         raise DfbenchError(f"{root} does not exist: give the output dir of a sweep or of a run")
     if not root.is_dir():
         raise DfbenchError(f"{root} is not a directory: give the output dir of a sweep or of a run")
-    coll = Collection(root=str(root), records=_frame([]))
-    rows: list[dict[str, Any]] = []
-    domains_from_runs: dict[str, list[str]] = {}
+    coll = Collection(root=str(root), records=_frame({}))
+    top = str(root)
+    runs = [(d, d[len(top) + 1:] if d != top else ".", done) for d, done in _run_dirs(root)]
+    n = _workers(len(runs), workers)
+    if n == 1:
+        parts = [_read_runs(runs, include_incomplete)]
+    else:  # contiguous slices, merged in order: the frame is the one a single process builds
+        bounds = np.linspace(0, len(runs), n + 1).astype(int)
+        slices = [runs[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+        with ProcessPoolExecutor(n, mp_context=mp.get_context("fork")) as pool:
+            parts = list(pool.map(_read_runs, slices, [include_incomplete] * n))
+    builder, reads = parts[0][1], list(parts[0][0])
+    for part_reads, part in parts[1:]:
+        offset = len(builder.blocks)
+        reads += [r._replace(first_block=r.first_block + offset) for r in part_reads]
+        builder.extend(part)
+
+    domains_from_runs: dict[str, tuple[str, ...]] = {}
     keys_seen: dict[tuple, str] = {}
-    flatten = _Flattener()
-    for run_dir in runfiles.iter_run_dirs(root):
-        name = str(run_dir.relative_to(root)) if run_dir != root else "."
-        done = (run_dir / runfiles.DONE).exists()
-        if not done and not include_incomplete:
+    for read in reads:
+        name = read.name
+        if not read.done and not include_incomplete:
             coll.incomplete_runs.append(name)
             continue
-        try:
-            records, skipped = runfiles.read_records(run_dir / runfiles.RESULTS)
-        except (OSError, UnicodeDecodeError) as err:
+        if read.error is not None:
             coll.skipped_by_file[name] = coll.skipped_by_file.get(name, 0) + 1
             coll.skipped_lines += 1
             if warn:
-                warnings.warn(f"could not read {run_dir / runfiles.RESULTS}: {err}", CollectWarning, stacklevel=2)
+                warnings.warn(read.error, CollectWarning, stacklevel=2)
             continue
-        run_rows, run_keys, base = [], set(), None
-        for record in records:
-            row = flatten(record)
-            if row is None:
-                skipped += 1
-            else:
-                row["run"] = name
-                run_rows.append(row)
-                if flatten.base is not base:  # the run key changes only with args
-                    base = flatten.base
-                    run_keys.add(tuple(row[k] for k in RUN_KEY) + (row.get(OVERRIDES),))
-        if skipped:
-            coll.skipped_by_file[name] = skipped
-            coll.skipped_lines += skipped
-        if not run_rows:
+        if read.skipped:
+            coll.skipped_by_file[name] = read.skipped
+            coll.skipped_lines += read.skipped
+        if not read.n_blocks:
             continue
-        if not done:
+        if not read.done:
             coll.included_incomplete.append(name)
-        dataset, names = run_rows[0]["dataset"], _splits_domains(run_dir)
+        blocks = builder.blocks[read.first_block:read.first_block + read.n_blocks]
+        dataset, names = blocks[0][1]["dataset"], read.domains
         if names and domains_from_runs.setdefault(dataset, names) != names:  # another version of the dataset
             dataset = f"{dataset} ({', '.join(names)})"
             domains_from_runs.setdefault(dataset, names)
-            for row in run_rows:
-                row["dataset"] = dataset
+            for block in blocks:
+                block[1] = {**block[1], "dataset": dataset}
         coll.runs += 1
-        for key in run_keys:
+        # after the renaming: runs of two versions of a dataset are not repeats of each other
+        for key in {tuple(block[1][k] for k in RUN_KEY) + (block[1].get(OVERRIDES),) for block in blocks}:
             if key in keys_seen and keys_seen[key] != name:
                 coll.duplicate_runs += 1
             keys_seen.setdefault(key, name)
-        rows.extend(run_rows)
-    coll.records = _frame(rows)
+    coll.records = builder.frame()
 
-    for dataset, n in sorted(infer_n_envs(coll.records).items()):
+    for dataset, n_envs in sorted(infer_n_envs(coll.records).items()):
         names = domains_from_runs.get(dataset)
-        if not names or len(names) != n:
+        if not names or len(names) != n_envs:
             names = DOMAINBED_ENVIRONMENTS.get(dataset)
-        if not names or len(names) != n:  # unknown dataset, or records that disagree with the list
-            names = [f"env{i}" for i in range(n)]
+        if not names or len(names) != n_envs:  # unknown dataset, or records that disagree with the list
+            names = [f"env{i}" for i in range(n_envs)]
         coll.domains[dataset] = list(names)
 
     if warn:

@@ -59,14 +59,33 @@ def _acc_matrices(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return mats["in"], mats["out"]
 
 
-def _n_envs(df: pd.DataFrame, n_envs: Mapping[str, int] | None) -> np.ndarray:
-    """Number of domains of each record's dataset."""
-    from domainfusion_bench.collect import infer_n_envs
+class _Coded:
+    """The frame as selection reads it, built once for all methods: dataset and algorithm as integer codes
+    in sorted name order (grouping, sorting and de-duplicating 1.8M strings again and again is most of
+    the time on a big sweep), the accuracy matrices, and each record's number of domains."""
 
-    known = dict(infer_n_envs(df))
-    for name, n in (n_envs or {}).items():
-        known[name] = max(int(n), known.get(name, 0))
-    return df["dataset"].map(known).to_numpy(dtype=int)
+    def __init__(self, df: pd.DataFrame, n_envs: Mapping[str, int] | None):
+        from domainfusion_bench.collect import infer_n_envs
+
+        ds_codes, ds_names = pd.factorize(df["dataset"], sort=True)
+        al_codes, al_names = pd.factorize(df["algorithm"], sort=True)
+        self.datasets = np.asarray(ds_names, dtype=object)
+        self.algorithms = np.asarray(al_names, dtype=object)
+        cols = ["trial_seed", "hparams_seed", "test_env", "test_env2", "n_test_envs", "step"]
+        self.df = pd.DataFrame({"dataset": ds_codes.astype(np.int64), "algorithm": al_codes.astype(np.int64),
+                                **{c: df[c].to_numpy() for c in cols}})
+        self.IN, self.OUT = _acc_matrices(df)
+        known = dict(infer_n_envs(df))
+        for name, n in (n_envs or {}).items():
+            known[name] = max(int(n), known.get(name, 0))
+        per_dataset = np.array([known[name] for name in self.datasets], dtype=int)
+        self.nenv = per_dataset[ds_codes]
+
+    def decode(self, out: pd.DataFrame) -> pd.DataFrame:
+        """Names back in the (few) output rows."""
+        out["dataset"] = self.datasets[out["dataset"].to_numpy(dtype=np.int64)]
+        out["algorithm"] = self.algorithms[out["algorithm"].to_numpy(dtype=np.int64)]
+        return out
 
 
 def _universe(df: pd.DataFrame, n_envs: np.ndarray) -> pd.DataFrame:
@@ -230,8 +249,11 @@ def select(records: Any, method: str, n_envs: Mapping[str, int] | None = None) -
     df = _frame(records).reset_index(drop=True)
     if df.empty:
         return pd.DataFrame(columns=OUTPUT_COLUMNS)
-    nenv = _n_envs(df, n_envs)
-    IN, OUT = _acc_matrices(df)
+    return _select(_Coded(df, n_envs), method)
+
+
+def _select(coded: _Coded, method: str) -> pd.DataFrame:
+    df, nenv, IN, OUT = coded.df, coded.nenv, coded.IN, coded.OUT
     cand = _CANDIDATES[method](df, IN, OUT, nenv)
     cand = cand[cand["val_acc"].notna() & cand["test_acc"].notna()]
     chosen = _best(cand)[GROUP + ["hparams_seed", "step", "val_acc", "test_acc"]]
@@ -244,12 +266,20 @@ def select(records: Any, method: str, n_envs: Mapping[str, int] | None = None) -
         out.loc[failed, "reason"] = [words(*key) for key in out.loc[failed, GROUP].itertuples(index=False, name=None)]
     out["hparams_seed"] = out["hparams_seed"].astype("Int64")
     out["step"] = out["step"].astype("Int64")
-    return out[OUTPUT_COLUMNS].sort_values(["dataset", "algorithm", "test_env", "trial_seed"], ignore_index=True)
+    out = out[OUTPUT_COLUMNS].sort_values(["dataset", "algorithm", "test_env", "trial_seed"], ignore_index=True)
+    return coded.decode(out)
 
 
 def select_all(records: Any, methods: Sequence[str] = tuple(METHODS),
                n_envs: Mapping[str, int] | None = None) -> pd.DataFrame:
     """``select`` for several methods, stacked."""
-    df = _frame(records)
-    frames = [select(df, m, n_envs) for m in methods]
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown selection method {m!r}; choices: {', '.join(METHODS)}")
+    df = _frame(records).reset_index(drop=True)
+    if df.empty or not methods:
+        frames = [pd.DataFrame(columns=OUTPUT_COLUMNS) for _ in methods]
+    else:
+        coded = _Coded(df, n_envs)
+        frames = [_select(coded, m) for m in methods]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=OUTPUT_COLUMNS)

@@ -161,3 +161,70 @@ def test_damaged_seeds_and_binary_files_never_crash_collection(tmp_path):
     path = tmp_path / "splits.json"
     path.write_bytes(b"\xff\xfe\x00binary")
     assert runfiles.read_json(path) is None
+
+
+def _reference_row(rec):
+    """One record -> its frame row, the rule written out record by record (what the columnar loader must equal)."""
+    from domainfusion_bench.collect import _args_row, _as_float, _as_int, _keep
+
+    if not isinstance(rec, dict):
+        return None
+    base, step = _args_row(rec.get("args")), _as_int(rec.get("step"))
+    if base is None or step is None:
+        return None
+    row = {**base, "step": step}
+    row.update({k: _as_float(v) for k, v in rec.items() if _keep(k) and _as_float(v) is not None})
+    if rec.get("diverged_at") is not None:
+        row["diverged"] = 1.0
+    return row
+
+
+@pytest.mark.parametrize("chunk", [5, 1 << 20])
+def test_columnar_loading_equals_the_record_by_record_rule(monkeypatch, chunk):
+    import pandas as pd
+
+    from domainfusion_bench import collect
+
+    monkeypatch.setattr(collect._Pending, "LIMIT", chunk)  # values become matrices every few records, or at the end
+    rng = np.random.default_rng(0)
+    odd = [True, "0.5", None, [1], float("nan"), 3]
+    recs, runs = [], []
+    for r in range(40):
+        args = {"dataset": "D", "algorithm": ["ERM", "X"][r % 2], "test_envs": [[0], [1], [0, 1], []][r % 4],
+                "hparams_seed": [0, 1, "2", None][r % 4 if r % 7 else 3], "trial_seed": r % 3}
+        if r % 5 == 0:
+            args["hparams"] = {"lr": [0.1, 0.2][r % 2]}
+        for k in range(int(rng.integers(1, 5))):
+            if rng.random() < 0.15:  # args change within a run
+                args = {**args, "trial_seed": int(rng.integers(3))}
+            rec = {"step": [10 * k, 10 * k, str(k), 2.0, None, True][int(rng.integers(6))], "args": args, "loss": 0.3}
+            for key in ("env0_in_acc", "env0_out_acc", "env1_in_acc", "wall_time", "cost_nfe", "metric_x", "mem_gb"):
+                if rng.random() < 0.8:
+                    rec[key] = float(rng.random()) if rng.random() < 0.8 else odd[int(rng.integers(len(odd)))]
+            if rng.random() < 0.1:
+                rec["diverged_at"] = 3
+            recs.append(rec if rng.random() > 0.05 else "not a record")
+            runs.append(f"run{r}")
+    recs.append({"step": 0, "args": {**args, "test_envs": [0]}, "metric_only_text": "high"})  # never a number
+    runs.append("last")
+    frame, bad = records_to_frame(recs, run=runs)
+    rows = [(_reference_row(rec), run) for rec, run in zip(recs, runs)]
+    expected = collect._frame(pd.DataFrame([{**row, "run": run} for row, run in rows if row is not None]).to_dict("list"))
+    assert bad == sum(row is None for row, _ in rows) and bad > 5
+    assert "metric_only_text" not in frame and frame["env0_in_acc"].isna().any()
+    pd.testing.assert_frame_equal(frame, expected, check_exact=True)
+
+
+def test_reading_with_worker_processes_gives_the_same_collection(tmp_path):
+    import pandas as pd
+
+    make_sweep(tmp_path, {"D": ["a", "b", "c"]}, ["ERM", "Gen"], n_trials=2, n_hparams=2, pairs=True)
+    write_run(tmp_path, "zz-broken", two_records(trial=7), done=True)
+    (tmp_path / "zz-broken" / "results.jsonl").write_bytes(b'{"step": 0, "ar')  # half-written, no record left
+    one = load_records(tmp_path, workers=1, warn=False)
+    for n in (2, 3):
+        many = load_records(tmp_path, workers=n, warn=False)
+        pd.testing.assert_frame_equal(many.records, one.records, check_exact=True)
+        assert (many.runs, many.skipped_by_file, many.domains, many.duplicate_runs) == \
+            (one.runs, one.skipped_by_file, one.domains, one.duplicate_runs)
+    assert one.runs > 10 and one.skipped_by_file == {"zz-broken": 1}

@@ -3,6 +3,7 @@ hashes and fingerprints, and the collector keeps the two apart."""
 
 import dataclasses
 import json
+import warnings
 
 from domainfusion_bench import runfiles
 from domainfusion_bench.collect import load_records
@@ -36,3 +37,20 @@ def test_the_collector_keeps_two_versions_apart(tmp_path):
     _run(tmp_path, "b-new", ["poster", "crayon", "stencil", "chalk"])
     coll = load_records(tmp_path)
     assert sorted(coll.records["dataset"].unique()) == ["DigitStyles", "DigitStyles (poster, crayon, stencil, chalk)"]
+
+
+def test_runs_of_two_versions_are_not_called_repeats(tmp_path):
+    # same dataset name, algorithm, test env and seeds, but another version's domains: not a repeated run
+    _run(tmp_path, "a-old", ["plain", "inverted", "painted", "sketch"])
+    _run(tmp_path, "b-new", ["poster", "crayon", "stencil", "chalk"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        coll = load_records(tmp_path)
+    assert coll.duplicate_runs == 0
+    assert not [w for w in caught if "repeat" in str(w.message)]
+    # a real repeat of the new version is still reported
+    _run(tmp_path, "c-new", ["poster", "crayon", "stencil", "chalk"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_records(tmp_path).duplicate_runs == 1
+    assert [w for w in caught if "1 run dir(s) repeat" in str(w.message)]

@@ -1,8 +1,10 @@
-"""One run across 2 CPU processes through `accelerate launch` gives the records of a 1-process run."""
+"""One run across 2 CPU processes gives the records of a 1-process run, averaging gradients with accelerate's DDP."""
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,15 +13,17 @@ from domainfusion_bench.training import train
 
 ARGS = ["--dataset", "RotatedDigits", "--test_envs", "0", "--steps", "21", "--checkpoint_freq", "10",
         "--hparams", '{"batch_size": 16}', "--num_workers", "0", "--device", "cpu"]
+# two CPU processes with torch's own launcher: `accelerate launch --cpu --num_processes 2` starts only one
+# (accelerate needs mpirun for several CPU processes). The trainer's Accelerator finds the process group
+# from torchrun's environment, as it does under `accelerate launch --multi_gpu`.
+TWO_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 @pytest.mark.slow
 def test_accelerate_two_cpu_processes_match_one(tmp_path, tiny_train_args):
     single = train(tiny_train_args(output_dir=str(tmp_path / "single")))
     multi = tmp_path / "multi"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "domainfusion_bench", "train", *ARGS, "--output_dir", str(multi)]
+    cmd = [*TWO_PROCESSES, "-m", "domainfusion_bench", "train", *ARGS, "--output_dir", str(multi)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -34,3 +38,23 @@ def test_accelerate_two_cpu_processes_match_one(tmp_path, tiny_train_args):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-3)
         for key in (k for k in ra if k.endswith("_acc")):
             assert rb[key] == pytest.approx(ra[key], abs=0.05)
+
+
+@pytest.mark.slow
+def test_two_processes_average_gradients_with_ddp_buckets_not_per_parameter(tmp_path):
+    out = tmp_path / "probe.json"
+    cmd = [*TWO_PROCESSES, str(Path(__file__).with_name("ddp_probe.py")), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["world"] == 2
+    for name in ("ERM", "WithSpareParts"):  # the loss goes through accelerate's DDP: no all-reduce per parameter
+        r = report[name]
+        assert r["ddp"] == "DistributedDataParallel" and r["trainable_params"] >= 8
+        assert r["all_reduce_calls"] == 0 and r["flat_all_reduces"] == 0
+        assert r["grads_equal"] and r["weights_equal"] and r["grads_are_full_batch"]
+    assert report["WithSpareParts"]["spare_grad"] is False  # an unused parameter: no deadlock, no gradient
+    own = report["OwnUpdate"]  # its loss bypasses DDP: one flat all-reduce for all its (small) gradients
+    assert own["flat_all_reduces"] == 1 and own["all_reduce_calls"] == 1
+    assert own["grads_equal"] and own["weights_equal"] and own["grads_are_full_batch"] and own["spare_grad"] is False

@@ -2,7 +2,8 @@
 
 A new algorithm usually needs only ``loss``; the base class owns the network, the optimiser, backward
 and the step. Methods with several optimisers override ``update`` and still call ``self.backward``,
-which the trainer points at its distributed/mixed-precision backward.
+which the trainer points at its distributed/mixed-precision backward; the base ``update`` computes the
+loss through ``self.loss_step`` when the trainer sets one (its DDP wrapper of ``loss``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class Algorithm(nn.Module):
         p = hparams["resnet_dropout"] if isinstance(self.featurizer, ResNetFeaturizer) else 0.0
         self.network = nn.Sequential(self.featurizer, nn.Dropout(p), self.classifier)
         self.backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
+        # what ``update`` computes the loss with: ``loss`` itself, or the trainer's distributed wrapper of it
+        self.loss_step: Callable[[Minibatches], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
 
     @classmethod
     def build_featurizer(cls, input_shape: tuple[int, ...], hparams: dict[str, Any]) -> nn.Module:
@@ -92,7 +95,7 @@ class Algorithm(nn.Module):
 
     def update(self, minibatches: Minibatches) -> dict[str, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
-        loss, terms = self.loss(minibatches)
+        loss, terms = (self.loss_step or self.loss)(minibatches)
         self.backward(loss)
         self.optimizer.step()
         return {"loss": loss.detach(), **terms}

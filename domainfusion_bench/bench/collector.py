@@ -7,9 +7,11 @@ run with every key a dfbench record has (accuracies, losses, costs, hparams, arg
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import math
+import os
 import random
 import tempfile
 import time
@@ -79,29 +81,50 @@ def bench_collector(n_records: int, workdir: str | Path | None = None) -> dict[s
         started = time.perf_counter()
         counts = write_sweep(tmp, n_records)
         generate = time.perf_counter() - started
+        gc.collect()  # the writer's garbage is not the collector's
 
-        started = time.perf_counter()
+        wall, cpu = {}, {}  # wall clock, and CPU time (on a shared machine: what it costs)
+        clock = (time.perf_counter(), _cpu_seconds())
         coll = load_records(tmp, warn=False)
-        load = time.perf_counter() - started
+        clock = _lap("load", clock, wall, cpu)
         if len(coll.records) != counts["records"]:
             raise AssertionError(f"collector read {len(coll.records)} of {counts['records']} records")
-
-        started = time.perf_counter()
         board = leaderboard_from_collection(coll, selections=["iid", "loo", "oracle"])
-        select = time.perf_counter() - started
-
-        started = time.perf_counter()
+        clock = _lap("select", clock, wall, cpu)
         text = render(board, "text")
-        rendered = time.perf_counter() - started
-    return {**counts, "generate_seconds": generate, "load_seconds": load, "select_and_tables_seconds": select,
-            "render_seconds": rendered, "total_seconds": load + select + rendered,
-            "records_per_s": counts["records"] / (load + select + rendered), "table_lines": text.count("\n")}
+        _lap("render", clock, wall, cpu)
+    total = sum(wall.values())
+    return {**counts, "generate_seconds": generate, "load_seconds": wall["load"],
+            "select_and_tables_seconds": wall["select"], "render_seconds": wall["render"], "total_seconds": total,
+            "records_per_s": counts["records"] / total, "table_lines": text.count("\n"),
+            "load_cpu_seconds": cpu["load"], "select_and_tables_cpu_seconds": cpu["select"],
+            "render_cpu_seconds": cpu["render"], "total_cpu_seconds": sum(cpu.values()),
+            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the collector's reader processes)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return time.process_time()
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _lap(name: str, clock: tuple[float, float], wall: dict[str, float], cpu: dict[str, float]) -> tuple[float, float]:
+    now = (time.perf_counter(), _cpu_seconds())
+    wall[name], cpu[name] = now[0] - clock[0], now[1] - clock[1]
+    return now
 
 
 def format_collector(result: dict[str, Any]) -> str:
     return (f"collector: {result['records']} records in {result['runs']} runs (written in "
             f"{result['generate_seconds']:.1f} s)\n"
-            f"  load records        {result['load_seconds']:8.2f} s\n"
-            f"  selection + tables  {result['select_and_tables_seconds']:8.2f} s  (iid, loo, oracle)\n"
-            f"  render text         {result['render_seconds']:8.2f} s\n"
-            f"  total               {result['total_seconds']:8.2f} s  ({result['records_per_s']:.0f} records/s)\n")
+            f"                      wall s    CPU s\n"
+            f"  load records        {result['load_seconds']:8.2f} {result['load_cpu_seconds']:8.2f}\n"
+            f"  selection + tables  {result['select_and_tables_seconds']:8.2f} "
+            f"{result['select_and_tables_cpu_seconds']:8.2f}  (iid, loo, oracle)\n"
+            f"  render text         {result['render_seconds']:8.2f} {result['render_cpu_seconds']:8.2f}\n"
+            f"  total               {result['total_seconds']:8.2f} {result['total_cpu_seconds']:8.2f}  "
+            f"({result['records_per_s']:.0f} records/s; 1-min load average {result['load_average']:.1f})\n")

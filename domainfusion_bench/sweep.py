@@ -320,14 +320,18 @@ def _spaces(spec: SweepSpec) -> dict[tuple[str, str], list[str]]:
 
 
 def _check_hparams(spec: SweepSpec, fail) -> None:
-    known = sorted({name for names in _spaces(spec).values() for name in names})
+    # a name is checked against every registered algorithm, not only this sweep's: a spec written for many
+    # algorithms (sweeps/demo.yaml) still runs with `--algorithms ERM`, each run taking the names it has;
+    # a name no algorithm has is a typo
+    known = sorted({name for d in spec.datasets for a in ALGORITHMS.names()
+                    for name in algorithm_space(a, dataset_class(d)).names()})
     for key, values in (("hparams", spec.hparams), ("grid", spec.grid)):
         for name in values:
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise fail(
-                    f"{key}: unknown hyperparameter {name!r} (no algorithm of this sweep has it).{hint} "
+                    f"{key}: unknown hyperparameter {name!r} (no registered algorithm has it).{hint} "
                     f"Known: {', '.join(known)}."
                 )
     for name, values in spec.grid.items():

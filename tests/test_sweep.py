@@ -274,3 +274,13 @@ def test_a_done_run_made_under_other_defaults_is_not_counted_done(tmp_path):
     runfiles.write_fingerprint(job.run_dir, older)  # same arguments (same hash), another default then
     state = job_states([job])[0]
     assert state.state == State.FAILED and "another configuration" in state.reason and "cnn_width" in state.reason
+
+
+def test_a_spec_for_many_algorithms_runs_with_a_subset_of_them(tmp_path):
+    # the demo spec fixes DiTi's and DomainFusion's hyperparameters; `--algorithms ERM` must still work
+    jobs = make_jobs(spec(tmp_path, datasets=["DigitStyles"], algorithms=["ERM"], test_envs=[[2]],
+                          hparams={"lr": 0.003, "diti_encoder_width": 16, "df_ld_batch": 32}))
+    assert {json.loads(j.args.hparams)["lr"] for j in jobs} == {0.003}
+    assert all(set(json.loads(j.args.hparams)) == {"lr"} for j in jobs)
+    with pytest.raises(DfbenchError, match="no registered algorithm has it"):
+        spec(tmp_path, hparams={"diti_encoder_widht": 16})

@@ -245,8 +245,9 @@ def test_sweep_killed_mid_run_resumes_without_loss_or_duplicates(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its runs die at once, like a lost machine
     proc.wait()
     stalled_pid, deadline = int((stall / "stalled").read_text()), time.time() + 30
-    while runfiles.pid_alive(stalled_pid) and time.time() < deadline:  # SIGKILL completes asynchronously
-        time.sleep(0.1)
+    pids = [json.loads((j.run_dir / runfiles.LOCK).read_text())["pid"] for j in jobs if (j.run_dir / runfiles.LOCK).exists()]
+    while any(runfiles.pid_alive(p) for p in pids + [stalled_pid]) and time.time() < deadline:
+        time.sleep(0.1)  # SIGKILL completes asynchronously: the run beside the stalled one dies too
 
     states = job_states(jobs)
     stalled = next(j for j in jobs if (j.run_dir / runfiles.LOCK).exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from domainfusion_bench.algorithms import ALGORITHMS, load_plugins
 from domainfusion_bench.data import DATASETS, get_dataset
 from domainfusion_bench.errors import DfbenchError
-from domainfusion_bench.training import DEFAULT_DATA_DIR
+from domainfusion_bench.paths import DEFAULT_DATA_DIR
 
 
 def dataset_rows(data_dir: str) -> list[tuple[str, str, str, str]]:

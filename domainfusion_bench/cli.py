@@ -167,7 +167,7 @@ def _diffusion_parser(sub) -> None:
 
 def _run_diffusion_train(ns) -> None:
     from domainfusion_bench.diffusion.factory import train_command
-    from domainfusion_bench.training import DEFAULT_DATA_DIR
+    from domainfusion_bench.paths import DEFAULT_DATA_DIR
 
     train_command(ns.dataset, ns.data_dir or DEFAULT_DATA_DIR, ns.test_envs, steps=ns.steps, cache_dir=ns.cache_dir,
                   trial_seed=ns.trial_seed, holdout_fraction=ns.holdout_fraction, device=ns.device, preview=ns.preview)
@@ -191,7 +191,7 @@ def _diti_parser(sub) -> None:
 
 def _run_diti_probe(ns) -> None:
     from domainfusion_bench.algorithms.diti import probe_report
-    from domainfusion_bench.training import DEFAULT_DATA_DIR
+    from domainfusion_bench.paths import DEFAULT_DATA_DIR
 
     probe_report(ns.dataset, ns.data_dir or DEFAULT_DATA_DIR, ns.test_envs, hparams_json=ns.hparams,
                  trial_seed=ns.trial_seed, holdout_fraction=ns.holdout_fraction, cache_dir=ns.cache_dir,
@@ -366,7 +366,7 @@ def _run_bench(ns) -> None:
 
     from domainfusion_bench.bench import BenchOptions, bench_collector, format_report, run_bench
     from domainfusion_bench.bench.collector import format_collector
-    from domainfusion_bench.training import DEFAULT_DATA_DIR
+    from domainfusion_bench.paths import DEFAULT_DATA_DIR
 
     for flag in ("collect", "steps", "batch_size", "resolution", "num_workers", "threads", "synthetic_per_class",
                  "warmup"):

@@ -30,7 +30,8 @@ from domainfusion_bench.data.folder import ImageFolderDataset
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.hparams import check_train_args, check_value
 from domainfusion_bench.protocol import HOLDOUT_FRACTION, run_hash, seed_hash
-from domainfusion_bench.training import DEFAULT_DATA_DIR, TrainArgs, resolve_hparams, run_fingerprint
+from domainfusion_bench.paths import DEFAULT_DATA_DIR
+from domainfusion_bench.training import TrainArgs, resolve_hparams, run_fingerprint
 
 TEST_ENV_MODES = ("singles", "singles+pairs")
 # TrainArgs fields a spec may set through ``train_args``; the others are the sweep's to set.

@@ -28,10 +28,10 @@ from domainfusion_bench.costs import CostMeter, MetricMeter
 from domainfusion_bench.data import MultiDomainDataset, dataset_class, get_dataset, run_identity
 from domainfusion_bench.data.loaders import SplitDataset, eval_batches, training_batches
 from domainfusion_bench.errors import DfbenchError
+from domainfusion_bench.paths import DEFAULT_DATA_DIR
 from domainfusion_bench.hparams import apply_overrides, check_train_args, parse_hparams_json
 from domainfusion_bench.protocol import HOLDOUT_FRACTION, run_hash, semantic_args, split_indices
 
-DEFAULT_DATA_DIR = os.environ.get("DFBENCH_DATA", "datasets")
 # Folder datasets up to this many GiB (uint8 at the training resolution) are decoded once into a store.
 STORE_MAX_GB = float(os.environ.get("DFBENCH_STORE_GB", "8"))
 DEFAULT_OUTPUT_ROOT = "results/train"

@@ -23,8 +23,9 @@ from domainfusion_bench.data import get_dataset
 from domainfusion_bench.data.loaders import training_batches
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.hparams import parse_hparams_json
+from domainfusion_bench.paths import DEFAULT_DATA_DIR
 from domainfusion_bench.training import (
-    DEFAULT_DATA_DIR, Runtime, Speed, TrainArgs, TrainingContext, accuracy, default_workers, load_data,
+    Runtime, Speed, TrainArgs, TrainingContext, accuracy, default_workers, load_data,
     make_splits, model_input, resolve_hparams, set_up, splits_to_evaluate,
 )
 

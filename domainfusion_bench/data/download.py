@@ -30,6 +30,7 @@ from urllib.error import HTTPError
 from urllib.request import Request, urlopen
 
 from domainfusion_bench.errors import DfbenchError
+from domainfusion_bench.paths import DEFAULT_DATA_DIR
 from domainfusion_bench.registry import Registry
 
 MARKER = ".dfbench_complete"  # written last into a finished dataset folder
@@ -337,7 +338,7 @@ def download(name: str, data_dir: str | Path | None = None, mirror: str | Path |
     """
     recipe = RECIPES.get(name)
     if data_dir is None:
-        data_dir = os.environ.get("DFBENCH_DATA", "datasets")  # training.DEFAULT_DATA_DIR (data never imports training)
+        data_dir = DEFAULT_DATA_DIR
     data_dir = Path(data_dir)
     expected = recipe.expected_images if expected_images is None else expected_images
     final = data_dir / recipe.subdir

@@ -9,7 +9,7 @@ import domainfusion_bench
 ROOT = Path(domainfusion_bench.__file__).parent
 # protocol, registry <- data, networks, diffusion <- algorithms <- training <- sweep, launchers, ... <- cli
 LAYERS = {
-    "errors": 0, "registry": 0, "protocol": 0, "hparams": 0, "costs": 0, "runfiles": 0,
+    "errors": 0, "registry": 0, "protocol": 0, "paths": 0, "hparams": 0, "costs": 0, "runfiles": 0,
     "data": 1, "networks": 1, "diffusion": 1,
     "algorithms": 2,
     "training": 3, "catalog": 3,

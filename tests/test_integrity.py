@@ -137,7 +137,7 @@ def test_the_loser_of_a_claim_never_writes_failed_into_the_winners_run(tiny_trai
         (run_dir / runfiles.LOCK).write_text(json.dumps(lock))
         raise RuntimeError("this process lost the run")
 
-    monkeypatch.setattr(training, "_train", taken_over)
+    monkeypatch.setattr(training.run, "_train", taken_over)
     try:
         with pytest.raises(RuntimeError):
             train(tiny_train_args(steps=2))
@@ -153,13 +153,13 @@ def test_heartbeat_is_refreshed_during_a_long_stage(tiny_train_args, tmp_path, m
     so delete-incomplete leaves the run alone."""
     from domainfusion_bench.sweep import State, run_state
 
-    monkeypatch.setattr(runfiles, "HEARTBEAT_INTERVAL_S", 0.05)
+    monkeypatch.setattr(runfiles.locks, "HEARTBEAT_INTERVAL_S", 0.05)
     seen = {}
     run_dir = tmp_path / "run"
 
     def seen_from_another_host():
         with monkeypatch.context() as m:  # liveness as another node judges it: by the lock's mtime alone
-            m.setattr(runfiles.socket, "gethostname", lambda: "another-node")
+            m.setattr(runfiles.locks.socket, "gethostname", lambda: "another-node")
             return run_state(run_dir).state
 
     def long_stage(args, hparams, runtime, run_dir_):
@@ -170,7 +170,7 @@ def test_heartbeat_is_refreshed_during_a_long_stage(tiny_train_args, tmp_path, m
         time.sleep(0.5)  # a long stage: no checkpoint, no explicit heartbeat
         seen["during"] = seen_from_another_host()
 
-    monkeypatch.setattr(training, "_train", long_stage)
+    monkeypatch.setattr(training.run, "_train", long_stage)
     train(tiny_train_args(steps=2))
     assert seen == {"before": State.FAILED, "during": State.RUNNING}
 
@@ -229,17 +229,17 @@ def test_resume_point_is_plain_data_written_durably(tmp_path, monkeypatch):
     random.seed(3)
     np.random.seed(4)
     torch.manual_seed(5)
-    state = {"step": 7, "rng": training._rng_state()}
+    state = {"step": 7, "rng": training.resume._rng_state()}
     synced = []
     real_fsync = os.fsync
-    monkeypatch.setattr(runfiles.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    monkeypatch.setattr(runfiles.resume.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
     path = tmp_path / runfiles.RESUME
     runfiles.save_resume(path, state)
     assert len(synced) >= 2  # the file and its directory
     assert not [p for p in tmp_path.iterdir() if p.name != runfiles.RESUME]  # no temp file left
     loaded = torch.load(path, weights_only=True)  # no arbitrary unpickling needed
     expected = (random.random(), np.random.rand(), torch.rand(1))
-    training._set_rng_state(loaded["rng"])
+    training.resume._set_rng_state(loaded["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
 
 

@@ -101,7 +101,7 @@ def test_load_spec_with_cli_overrides(tmp_path):
 
 
 def test_exponent_notation_is_a_number_in_specs_and_flags(tmp_path):
-    from domainfusion_bench.cli import _spec_from
+    from domainfusion_bench.cli.sweep import _spec_from
 
     path = write(tmp_path / "e.yaml", "datasets: DigitStyles\nalgorithms: [ERM]\nhparams: {lr: 1e-4, weight_decay: 5E-5}\n")
     assert load_spec(path).hparams == {"lr": 1e-4, "weight_decay": 5e-5}

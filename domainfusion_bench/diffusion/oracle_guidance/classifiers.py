@@ -1,0 +1,98 @@
+"""Time-conditioned validity classifiers C(x_t, t[, y]): for points (the 2-D toys) and for images or latents."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, num_train_timesteps: int) -> torch.Tensor:
+    """Sinusoidal features of t / T (T = the schedule's length): [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half - 1, 1))
+    angle = (t.float().view(-1, 1) / num_train_timesteps) * 1000.0 * freqs.view(1, -1)
+    return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+
+class ValidityClassifier(nn.Module):
+    """Base: ``forward(x_t, t, y=None) -> logit [B]`` of "valid"; ``log_prob`` = log C = logsigmoid.
+
+    ``time_conditioned=False`` makes the network blind to t (the ablation: a plain classifier C(x));
+    ``num_classes`` > 0 makes it class-conditional: the head has one logit per class (+1 for "no class",
+    y = -1) and C(x_t, t, y) reads column y.
+    """
+
+    def __init__(self, num_classes: int, time_conditioned: bool, num_train_timesteps: int, emb_dim: int):
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.time_conditioned = bool(time_conditioned)
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.emb_dim = emb_dim
+        self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+    def time_features(self, t: torch.Tensor, n: int, device) -> torch.Tensor:
+        t = torch.as_tensor(t, device=device)
+        if t.dim() == 0:
+            t = t.expand(n)
+        if not self.time_conditioned:
+            t = torch.zeros_like(t)
+        return self.time_mlp(timestep_embedding(t, self.emb_dim, self.num_train_timesteps))
+
+    def pick(self, logits: torch.Tensor, y) -> torch.Tensor:
+        if self.num_classes == 0 or y is None:
+            return logits[:, -1]
+        y = torch.as_tensor(y, device=logits.device).long().flatten()
+        y = torch.where(y < 0, torch.full_like(y, self.num_classes), y)
+        return logits.gather(1, y.view(-1, 1)).squeeze(1)
+
+    def log_prob(self, x_t: torch.Tensor, t, y=None) -> torch.Tensor:
+        return F.logsigmoid(self(x_t, t, y).float())
+
+
+class PointValidityClassifier(ValidityClassifier):
+    """MLP for points in R^d (the 2-D toys): [x, time features] -> SiLU layers -> logits."""
+
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, num_classes: int = 0,
+                 time_conditioned: bool = True, num_train_timesteps: int = 1000, emb_dim: int = 32):
+        super().__init__(num_classes, time_conditioned, num_train_timesteps, emb_dim)
+        layers, width = [], dim + emb_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(hidden, self.num_classes + 1)
+
+    def forward(self, x_t, t, y=None):
+        x = x_t.float().flatten(1)
+        h = self.body(torch.cat([x, self.time_features(t, len(x), x.device)], dim=1))
+        return self.pick(self.head(h), y)
+
+
+class ImageValidityClassifier(ValidityClassifier):
+    """Small CNN on denoiser-space tensors [B, C, H, W] (pixels or latents); the time embedding is added
+    per channel after each stage (the DDPM U-Net's way), global average pool, one logit per class."""
+
+    def __init__(self, channels: int, num_classes: int = 0, width: int = 32, time_conditioned: bool = True,
+                 num_train_timesteps: int = 1000, emb_dim: int = 64):
+        super().__init__(num_classes, time_conditioned, num_train_timesteps, emb_dim)
+        widths = [width, 2 * width, 2 * width]
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        self.embs = nn.ModuleList()
+        c_in = channels
+        for i, c in enumerate(widths):
+            self.convs.append(nn.Conv2d(c_in, c, 3, stride=1 if i == 0 else 2, padding=1))
+            self.norms.append(nn.GroupNorm(min(8, c), c))
+            self.embs.append(nn.Linear(emb_dim, c))
+            c_in = c
+        self.head = nn.Linear(c_in, self.num_classes + 1)
+
+    def forward(self, x_t, t, y=None):
+        h = x_t.float()
+        emb = self.time_features(t, len(h), h.device)
+        for conv, norm, proj in zip(self.convs, self.norms, self.embs):
+            h = F.silu(norm(conv(h)) + proj(emb)[:, :, None, None])
+        return self.pick(self.head(h.mean((2, 3))), y)

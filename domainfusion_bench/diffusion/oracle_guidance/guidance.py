@@ -1,0 +1,27 @@
+"""Validity classifiers as guidance terms for the project's guided sampler, one term per round of the stack."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from domainfusion_bench.diffusion.backbones import parameters_digest
+from domainfusion_bench.diffusion.oracle_guidance.classifiers import ValidityClassifier
+from domainfusion_bench.diffusion.samplers import GuidanceTerm, LogDensityGuidance
+
+
+class ValidityGuidance(LogDensityGuidance):
+    """grad_{z_t} log C(z_t, t, y) for the sampler's guidance sum (y = the condition's class ids)."""
+
+    def __init__(self, classifier: ValidityClassifier, weight: float = 1.0, name: str = "og"):
+        self.classifier = classifier
+
+        def log_g(z, t, cond):
+            y = cond.class_ids.to(z.device) if classifier.num_classes else None
+            return classifier.log_prob(z, t, y)
+
+        super().__init__(log_g, weight, cache_key=f"{name}:{parameters_digest(classifier)[:20]}")
+
+
+def stack_terms(classifiers: Sequence[ValidityClassifier], weight: float, name: str = "og") -> list[GuidanceTerm]:
+    """The round stack: sum_k w grad log C_k (one term per round; one extra evaluation each)."""
+    return [ValidityGuidance(c, weight, f"{name}-round{k + 1}") for k, c in enumerate(classifiers)]

@@ -249,3 +249,33 @@ def test_cdga_og_records_invalid_rates_per_round_and_costs(digit_runs):
     assert guided["cost_og_samples_drawn"] == 4 * DIGITS["og_samples_per_round"]  # base, round1, round2, distilled
     assert guided["cost_og_guidance_evals"] > 0 and "cost_og_samples_drawn" not in unguided
     assert guided["cost_og_round_classifier_train_seconds"] > 0
+
+
+class _ConstantClassifier(torch.nn.Module):
+    """C(x_t, t) = sigmoid(b): what training learns is the loss's pointwise optimum alone."""
+
+    time_conditioned = True
+
+    def __init__(self):
+        super().__init__()
+        self.b = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x_t, t, y=None):
+        return self.b.expand(len(x_t))
+
+
+@pytest.mark.parametrize("valid_share", [0.2, 0.7])
+def test_alpha_reaches_the_classifiers_loss(valid_share):
+    """Training on one point, valid in a share alpha of the draw, ends at C = alpha (balanced batches,
+    alpha-weighted BCE). A loss that ignores alpha (a fixed 1/2) ends at 0.5; the ablation says so."""
+    n = 50
+    valid = torch.arange(n) < int(valid_share * n)
+    x0 = torch.zeros(n, 2)
+    abar = GaussianMixtureBackbone([[0.0, 0.0]], 0.1).alphas_cumprod
+    config = ClassifierTrainConfig(steps=300, batch_size=64, lr=0.05)
+    for prior_weighting, expected in ((True, valid_share), (False, 0.5)):
+        c = _ConstantClassifier()
+        info = train_validity_classifier(c, x0, valid, None, abar, ClassifierTrainConfig(
+            **{**config.to_json(), "prior_weighting": prior_weighting}))
+        assert info["alpha"] == pytest.approx(valid_share)
+        assert torch.sigmoid(c.b).item() == pytest.approx(expected, abs=0.02), (prior_weighting, info)

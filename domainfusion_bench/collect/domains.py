@@ -7,6 +7,7 @@ import re
 
 from domainfusion_bench import runfiles
 
+
 def _splits_domains(run_dir: str, seen: dict[bytes, tuple[str, ...] | None]) -> list[str] | None:
     """Domain names from a run's splits.json; ``seen`` remembers small files by their text (the runs of a
     sweep share one text per trial)."""

@@ -15,6 +15,7 @@ from domainfusion_bench.collect.values import (
     ACC_KEY, KEY_COLUMNS, OVERRIDES, _args_row, _as_int, _is_number, _keep, _numbers,
 )
 
+
 class _Pending:
     """Raw values of one key set (``kept``) waiting to become a matrix: converted a million at a time, not
     per run, so that the cost per run stays a few list operations."""

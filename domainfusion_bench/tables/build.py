@@ -14,6 +14,7 @@ from domainfusion_bench.tables.model import (
     ERRORS, Cell, Leaderboard, Table, _cell_reason, _notes, _summarise, _trials_text, algorithm_order,
 )
 
+
 def build_leaderboard(records: pd.DataFrame, domains: Mapping[str, Sequence[str]] | None = None,
                       selections: Sequence[str] = tuple(METHODS), error: str = "domainbed",
                       costs: bool = False, summary: str = "", metrics: bool = False) -> Leaderboard:

@@ -155,7 +155,7 @@ def test_cost_keys_are_kept(tmp_path):
 
 def test_damaged_seeds_and_binary_files_never_crash_collection(tmp_path):
     from domainfusion_bench import runfiles
-    from domainfusion_bench.collect import _as_int
+    from domainfusion_bench.collect.values import _as_int
 
     assert [_as_int(v) for v in ["--1", "\u00b2", " 7 ", "-3", "3.5", True]] == [None, None, 7, -3, None, None]
     path = tmp_path / "splits.json"
@@ -165,7 +165,7 @@ def test_damaged_seeds_and_binary_files_never_crash_collection(tmp_path):
 
 def _reference_row(rec):
     """One record -> its frame row, the rule written out record by record (what the columnar loader must equal)."""
-    from domainfusion_bench.collect import _args_row, _as_float, _as_int, _keep
+    from domainfusion_bench.collect.values import _args_row, _as_float, _as_int, _keep
 
     if not isinstance(rec, dict):
         return None
@@ -183,9 +183,9 @@ def _reference_row(rec):
 def test_columnar_loading_equals_the_record_by_record_rule(monkeypatch, chunk):
     import pandas as pd
 
-    from domainfusion_bench import collect
+    from domainfusion_bench.collect import frame as collect_frame
 
-    monkeypatch.setattr(collect._Pending, "LIMIT", chunk)  # values become matrices every few records, or at the end
+    monkeypatch.setattr(collect_frame._Pending, "LIMIT", chunk)  # values become matrices every few records, or at the end
     rng = np.random.default_rng(0)
     odd = [True, "0.5", None, [1], float("nan"), 3]
     recs, runs = [], []
@@ -209,7 +209,7 @@ def test_columnar_loading_equals_the_record_by_record_rule(monkeypatch, chunk):
     runs.append("last")
     frame, bad = records_to_frame(recs, run=runs)
     rows = [(_reference_row(rec), run) for rec, run in zip(recs, runs)]
-    expected = collect._frame(pd.DataFrame([{**row, "run": run} for row, run in rows if row is not None]).to_dict("list"))
+    expected = collect_frame._frame(pd.DataFrame([{**row, "run": run} for row, run in rows if row is not None]).to_dict("list"))
     assert bad == sum(row is None for row, _ in rows) and bad > 5
     assert "metric_only_text" not in frame and frame["env0_in_acc"].isna().any()
     pd.testing.assert_frame_equal(frame, expected, check_exact=True)

@@ -43,8 +43,8 @@ def fake_trainer(tmp_path, monkeypatch):
     script = tmp_path / "fake_trainer.py"
     script.write_text(FAKE_TRAINER)
     prefix = lambda: [sys.executable, str(script)]  # noqa: E731
-    monkeypatch.setattr(sweep, "module_prefix", prefix)
-    monkeypatch.setattr(launchers, "module_prefix", prefix)
+    monkeypatch.setattr(sweep.jobs, "module_prefix", prefix)  # Job.command
+    monkeypatch.setattr(launchers.local, "module_prefix", prefix)  # the pool launchers
     return script
 
 

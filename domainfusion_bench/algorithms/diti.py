@@ -2,7 +2,7 @@
 
 Pre-stage (``prepare``): the shared pixel DDPM of the training domains (the one CDGA uses; trained on
 their in-splits only) stays frozen; a DiTi encoder and shift branch are trained against it on the same
-in-splits (diffusion/diti.py has the method), once per (dataset, training domains, split seed, config)
+in-splits (diffusion/diti/ has the method), once per (dataset, training domains, split seed, config)
 and cached, its cost recorded as ``cost_diti_train_seconds`` (+ ``reused_`` when found in the cache).
 The classifier then reads the encoder's z:
 

@@ -174,7 +174,7 @@ def _loo(df, IN, OUT, nenv) -> pd.DataFrame:
 _CANDIDATES = {"iid": _iid, "oracle": _oracle, "loo": _loo}
 
 
-def _ranges(values: Iterable[int]) -> str:
+def ranges(values: Iterable[int]) -> str:
     """0,1,2,5 -> '0-2, 5'."""
     vals, out = sorted(set(int(v) for v in values)), []
     i = 0
@@ -215,7 +215,7 @@ class _Reasons:
             if key in self.any_run:
                 return f"no single-test-env run with test_envs [{test_env}] (only pair runs)"
             return f"no run holds out env {test_env} (test_envs [{test_env}])"
-        hp_text = f"hparams_seed {_ranges(hps)}"
+        hp_text = f"hparams_seed {ranges(hps)}"
         if self.method == "iid":
             return (f"runs with test_envs [{test_env}] ({hp_text}) lack env{{i}}_out_acc of a training domain "
                     f"or env{test_env}_in_acc")

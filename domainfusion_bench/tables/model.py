@@ -10,6 +10,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from domainfusion_bench.selection import ranges
+
 ERRORS = {
     "domainbed": "std (ddof 0) / sqrt(n) over trials, as DomainBed",
     "sem": "standard error of the mean (std ddof 1 / sqrt(n)) over trials",
@@ -97,9 +99,7 @@ def algorithm_order(names) -> list[str]:
 
 
 def _trials_text(trials: Sequence[int]) -> str:
-    from domainfusion_bench.selection import _ranges
-
-    return ("trial " if len(trials) == 1 else "trials ") + _ranges(trials)
+    return ("trial " if len(trials) == 1 else "trials ") + ranges(trials)
 
 
 def _cell_reason(failed: pd.DataFrame) -> str | None:

@@ -92,6 +92,8 @@ def main(out: str) -> None:
     if runtime.is_main:
         with open(out, "w") as f:
             json.dump(report, f)
+    dist.barrier()
+    dist.destroy_process_group()  # orderly gloo shutdown: left to interpreter exit, a loaded machine can abort a rank
 
 
 if __name__ == "__main__":

@@ -193,6 +193,16 @@ class TrainedDDPM:
     reused: bool
 
 
+def ddpm_where(dataset, train_envs: Sequence[int], trial_seed: int, holdout_fraction: float,
+               config: DDPMTrainConfig) -> dict[str, Any]:
+    """The store identity fields of the DDPM for these training domains (``ModelStore.identity(**...)``).
+    Trial seeds that share a model share its identity: the store's (integer) trial seed is the first shared
+    one, and the config records which split it is."""
+    split = split_label(trial_seed, config.shared_trials)
+    return dict(dataset=dataset, train_envs=sorted(int(e) for e in train_envs), holdout_fraction=holdout_fraction,
+                trial_seed=0 if split.startswith("shared") else trial_seed, config={**config.to_json(), "split": split})
+
+
 def train_pixel_ddpm(dataset, train_envs: Sequence[int], test_envs: Sequence[int], *, trial_seed: int = 0,
                      holdout_fraction: float = HOLDOUT_FRACTION, config: DDPMTrainConfig | None = None,
                      cache_dir: str | Path | None = None, store: ModelStore | None = None,
@@ -219,10 +229,7 @@ def train_pixel_ddpm(dataset, train_envs: Sequence[int], test_envs: Sequence[int
             raise DfbenchError("train_pixel_ddpm needs a cache_dir or a ModelStore")
         store = ModelStore(cache_dir)
     split = split_label(trial_seed, config.shared_trials)
-    # trial seeds that share a model share its identity: the store's (integer) trial seed is the first
-    # shared one, and the config records which split it is
-    where = dict(dataset=dataset, train_envs=train_envs, holdout_fraction=holdout_fraction,
-                 trial_seed=0 if split.startswith("shared") else trial_seed, config={**config.to_json(), "split": split})
+    where = ddpm_where(dataset, train_envs, trial_seed, holdout_fraction, config)
     key = store.key_of(store.identity("pixel_ddpm", **where))
     device = torch.device(device)
 

@@ -97,3 +97,55 @@ def test_card_without_seen_domains_is_refused(shipped, tmp_path):
 
 def test_default_store_looks_in_the_package():
     assert ModelStore("unused").shipped == SHIPPED_DIR
+
+
+# ------------------------------------------------------------------------------------------------
+# The models the package ships: DigitStyles with stencil held out (the demo)
+# ------------------------------------------------------------------------------------------------
+
+def _digitstyles():
+    from domainfusion_bench.data import get_dataset
+
+    return get_dataset("DigitStyles", "datasets")
+
+
+def test_demo_pixel_ddpm_is_shipped_under_the_key_runs_ask_for(tmp_path):
+    from domainfusion_bench.diffusion.trainer import ddpm_where, default_config, train_pixel_ddpm
+
+    ds, store = _digitstyles(), ModelStore(tmp_path, shipped=SHIPPED_DIR)
+    config = default_config(ds)  # what CDGA and `dfbench diffusion train` use
+    key = store.key_of(store.identity("pixel_ddpm", **ddpm_where(ds, [0, 1, 3], 0, 0.2, config)))
+    assert store.shipped_path("pixel_ddpm", key) is not None, "the shipped DDPM's key is not default_config's"
+    costs = CostMeter()
+    trained = train_pixel_ddpm(ds, [0, 1, 3], [2], trial_seed=1, store=store, costs=costs, progress=False)
+    assert trained.reused and trained.key == key and trained.path.is_relative_to(SHIPPED_DIR)
+    assert next(trained.backbone.model.parameters()).dtype == torch.float32
+    assert costs.totals["reused_diffusion_train_seconds"] == costs.totals["diffusion_train_seconds"] > 0
+    assert not any(tmp_path.rglob("meta.json"))  # used in place, nothing written to the user's store
+    # a run holding out another domain asks for another key (other training domains): never this model
+    with pytest.raises(DfbenchError, match="leakage guard"):
+        train_pixel_ddpm(ds, [0, 1, 3], [1], store=store, progress=False)
+
+
+def test_demo_oracle_is_shipped_under_the_key_runs_ask_for(tmp_path):
+    from types import SimpleNamespace
+
+    from domainfusion_bench.algorithms.validity import oracle_classifier, oracle_hparams
+    from domainfusion_bench.hparams import HParamSpace
+
+    space = HParamSpace()
+    oracle_hparams(space)
+    ds = _digitstyles()
+    store = ModelStore(tmp_path, shipped=SHIPPED_DIR)
+    calls = []
+    store_get = store.get_or_train
+
+    def no_training(*args, train, **kw):
+        return store_get(*args, train=lambda m: calls.append(1), **kw)
+
+    store.get_or_train = no_training
+    context = SimpleNamespace(dataset=ds, train_envs=[0, 1, 3], args=SimpleNamespace(trial_seed=2, holdout_fraction=0.2),
+                              models=store, costs=CostMeter(), made_by="test", device="cpu", heartbeat=lambda: None)
+    entry = oracle_classifier(context, 32, space.defaults(), guard=LeakageGuard(ds.name, ds.domains, [2]))
+    assert calls == [] and entry.reused and entry.path.is_relative_to(SHIPPED_DIR)
+    assert entry.info["val_acc"] >= 0.95

@@ -109,7 +109,7 @@ def model_card(dataset, kind: str, key: str, train_envs, test_envs, command: str
     lines = [f"# {kind} for {dataset.name}, {held} held out", "",
              f"- store key: `{key}` (the cached-model store serves this model wherever it would train this key)",
              f"- data: the in-splits of the training domains **{seen}** (images in-split under trial seeds 0-2); "
-             f"**{held} never seen** (the leakage guard refuses this model to any run holding out {seen})",
+             f"**{held} never seen**; the leakage guard refuses this model to a run that holds out any of {seen}",
              f"- reproduce: `{command}`",
              f"- weights: safetensors, {'float16 (trained in float32; loaded back as float32)' if half else 'float32'}",
              f"- made: {time.strftime('%Y-%m-%d')}", "", "## Config and measurements", "", "```json",

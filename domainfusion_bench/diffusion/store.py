@@ -103,6 +103,9 @@ def write_shipped(source: Path, dest_root: Path, *, kind: str, key: str, identit
         for f in dest.rglob("*.safetensors"):
             tensors = load_file(str(f))
             save_file({k: (v.half() if v.dtype == torch.float32 else v).contiguous() for k, v in tensors.items()}, str(f))
+    for f in dest.rglob("*"):
+        if f.is_file():
+            f.chmod(0o644)
     card = {"format": FORMAT, "kind": kind, "key": key, "identity": identity, "dataset": dataset.name,
             "seen_domains": [dataset.domains[e] for e in sorted(int(e) for e in seen_envs)],
             "train_seconds": float(train_seconds), "made_by": f"dfbench shipped {kind}", "command": command,

@@ -149,3 +149,10 @@ def test_demo_oracle_is_shipped_under_the_key_runs_ask_for(tmp_path):
     entry = oracle_classifier(context, 32, space.defaults(), guard=LeakageGuard(ds.name, ds.domains, [2]))
     assert calls == [] and entry.reused and entry.path.is_relative_to(SHIPPED_DIR)
     assert entry.info["val_acc"] >= 0.95
+
+
+def test_no_shipped_environment_variable_makes_stores_train(monkeypatch):
+    monkeypatch.setenv("DFBENCH_NO_SHIPPED", "1")
+    assert ModelStore("unused").shipped is None
+    monkeypatch.setenv("DFBENCH_NO_SHIPPED", "0")
+    assert ModelStore("unused").shipped == SHIPPED_DIR

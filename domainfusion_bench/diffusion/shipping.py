@@ -7,7 +7,8 @@ A shipped model has the key of the model that ``dfbench diffusion train`` (or a 
 config, so the cached-model store serves it in place of training; its card (``card.json`` + ``MODEL_CARD.md``)
 lists the domains it saw (read by the leakage guard) and the sha256 of every file. A DDPM snapshot saved at step
 n of a longer run (``train_pixel_ddpm(snapshot_every=...)``) is, with the constant learning rate, the model
-``--steps n`` trains, so it ships under that config's key.
+``--steps n`` trains, so it ships under that config's key. ``DFBENCH_NO_SHIPPED=1`` makes every store ignore the
+shipped models (to reproduce one, or to pay for training on purpose).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def ship_ddpm(snapshot: Path, dataset, test_envs: Sequence[int], steps: int, *, 
     staging = Path(tempfile.mkdtemp()) / "model"
     shutil.copytree(snapshot, staging)
     (staging / "backbone.json").write_text(json.dumps({**meta, "key": key, "info": info}, indent=1))
-    command = (f"dfbench diffusion train --dataset {dataset.name} --test_envs {' '.join(map(str, test_envs))} "
+    command = (f"DFBENCH_NO_SHIPPED=1 dfbench diffusion train --dataset {dataset.name} --test_envs {' '.join(map(str, test_envs))} "
                f"--steps {steps} --trial_seed {trial_seed}")
     card_info = {k: info[k] for k in ("final_loss", "trained_on", "train_seconds", "device", "split") if k in info}
     card_info.update(train_config=config.to_json(), steps=steps, notes=notes)
@@ -87,7 +88,7 @@ def ship_oracle(dataset, test_envs: Sequence[int], *, dest_root: Path = SHIPPED_
                               models=store, costs=None, made_by="dfbench shipped oracle_classifier", device="cpu",
                               heartbeat=lambda: None)
     entry = oracle_classifier(context, resolution, hp, charge=False)
-    command = (f"python -m domainfusion_bench.diffusion.shipping oracle --dataset {dataset.name} "
+    command = (f"DFBENCH_NO_SHIPPED=1 python -m domainfusion_bench.diffusion.shipping oracle --dataset {dataset.name} "
                f"--test_envs {' '.join(map(str, test_envs))}  (trains it as a run does: oracle_classifier)")
     card_info = dict(entry.info, config=entry.meta["identity"]["config"], train_seconds=entry.train_seconds)
     card_text = model_card(dataset, "oracle_classifier", entry.key, train_envs, test_envs, command, card_info, False)

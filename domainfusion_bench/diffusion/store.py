@@ -38,6 +38,7 @@ META = "meta.json"
 WEIGHTS = "weights.safetensors"
 CARD = "card.json"  # a shipped model's machine-readable card (MODEL_CARD.md beside it is the human one)
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "shipped_models"
+NO_SHIPPED_ENV = "DFBENCH_NO_SHIPPED"  # set (to 1): stores ignore shipped models and train (to reproduce one)
 
 
 def sha256_of(path: Path) -> str:
@@ -151,10 +152,12 @@ def load_state(module: torch.nn.Module, path: Path) -> torch.nn.Module:
 
 class ModelStore:
     def __init__(self, root: str | Path, heartbeat: Callable[[], None] | None = None,
-                 shipped: str | Path | None = SHIPPED_DIR):
+                 shipped: str | Path | None | bool = True):
         self.root = Path(root)
         self.heartbeat = heartbeat or (lambda: None)
-        self.shipped = Path(shipped) if shipped is not None else None  # None: never use shipped models
+        if shipped is True:  # the package's, unless $DFBENCH_NO_SHIPPED is set
+            shipped = None if os.environ.get(NO_SHIPPED_ENV, "") not in ("", "0") else SHIPPED_DIR
+        self.shipped = Path(shipped) if shipped not in (None, False) else None  # None: never use shipped models
 
     def shipped_path(self, kind: str, key: str) -> Path | None:
         """The shipped model of this key, if the package has one (its card names the same key)."""

@@ -172,9 +172,13 @@ def oracle_classifier(context, resolution: int, hparams: dict[str, Any], guard=N
         vx, vy = oracle_validation_data(ds, context.train_envs, args.trial_seed, args.holdout_fraction, resolution)
         return {"val_acc": oracle_accuracy(net, vx, vy), "n_val": len(vx), "n_train": len(x), "final_loss": final_loss}
 
+    def build() -> nn.Module:  # seeded (the store runs it under fork_rng): the same oracle wherever it is trained
+        torch.manual_seed(seed_hash("oracle-init", store_seed))
+        return OracleNet(channels, ds.num_classes, config["width"])
+
     entry = context.models.get_or_train(
         ORACLE_KIND, dataset=ds, train_envs=context.train_envs, trial_seed=store_seed,
-        holdout_fraction=args.holdout_fraction, config=config, build=lambda: OracleNet(channels, ds.num_classes, config["width"]),
+        holdout_fraction=args.holdout_fraction, config=config, build=build,
         train=train, costs=context.costs if charge else None, made_by=context.made_by, device=context.device, guard=guard)
     return entry
 

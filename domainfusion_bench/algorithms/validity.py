@@ -28,7 +28,7 @@ def oracle_hparams(space) -> None:
     space.add("og_measure", True)  # judge every generated image: metric_invalid_rate in the records
     space.add("og_threshold", 0.5)  # valid iff p_oracle(intended class) >= threshold
     space.add("og_oracle_width", 32)
-    # DigitStyles v2, stencil held out: 97.9% on the training domains' out-splits in 82 s on a busy CPU thread
+    # DigitStyles v2, stencil held out: 97.9% on the training domains' out-splits, 37 s on a busy CPU thread
     # (the v1 oracle, width 16 without augmentation, 1500 steps: 68%); once per training domains and trial
     space.add("og_oracle_steps", 1000)
     space.add("og_oracle_lr", 3e-3)

@@ -30,17 +30,22 @@ from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.protocol import HOLDOUT_FRACTION, split_indices
 
 FORMAT = 1
-# Measured on DigitStyles v2 (32 px RGB, trials 0-2 shared: 676 training images), one CPU thread: 0.27 s/step
-# at batch 32 on a quiet machine, so ~400 s per DDPM (in a sweep it trains beside the non-generative runs).
-# With the cosine schedule, x0-prediction, cosine lr and EMA, 1500 steps give samples in each domain's
-# colours and textures whose class an oracle (67% on real out-split images) reads for 31% of pure samples
-# (CFG 2) and 60% of img2img outputs at strength 0.5; the linear schedule gave grey images (48% / 50%),
-# 600 steps with it 35% / 55%. Samples of this default: datasets/digitstyles_ddpm_samples.png.
-DEFAULT_STEPS = 1500
+# Measured on DigitStyles v2 (32 px RGB, stencil held out, trials 0-2 shared: 676 training images), one CPU
+# thread of a busy 2-core machine: DEFAULT_MODEL at batch 32 takes 0.2-0.4 s/step, 5000 steps 920 s. Judged by
+# the validity oracle (97.9% on real out-split images), 3% of CDGA's img2img outputs (strength 0.5, 10 steps)
+# are invalid, and 42% of pure samples at guidance 1 (10% at guidance 2); the previous default (16/32/64 on
+# 2x2 patches, 1500 cosine-decay steps) 40% and ~70%. This model ships with the package
+# (shipped_models/pixel_ddpm/, datasets/README.md), so runs with stencil held out never train it.
+DEFAULT_STEPS = 5000
 # trial seeds 0..SHARED_TRIALS-1 share the pixel DDPM and the helper models (validity oracle, TGDP's domain
 # classifiers and guidance network, the DiTi encoder): each is trained once, on images in the in-split under
 # every one of those seeds, so it never sees any of their validation images
 SHARED_TRIALS = 3
+# the UNet every dataset gets (PixelDDPMConfig's fields; the resolution is set per dataset): 4x4 pixel patches
+# folded into channels (an 8x8 grid at 32 px, so wide channels stay cheap), widths 48/96/96, two resnet
+# layers per block, self-attention at the lowest resolution; 3.7 M parameters, 0.2 s/step at batch 32 on
+# one CPU thread
+DEFAULT_MODEL = {"patch_size": 4, "block_out_channels": (48, 96, 96), "layers_per_block": 2, "attention": True}
 
 
 @dataclass(frozen=True)
@@ -48,9 +53,11 @@ class DDPMTrainConfig:
     model: PixelDDPMConfig = field(default_factory=PixelDDPMConfig)
     steps: int = DEFAULT_STEPS
     batch_size: int = 32  # 0.27 s/step vs 0.47 at 64: more steps in the same time (not compared head to head)
-    lr: float = 2e-3
+    lr: float = 1e-3
     warmup_steps: int = 20
-    lr_schedule: str = "cosine"  # "cosine" (warmup, then cosine decay to 0) or "constant" (warmup, then flat)
+    # constant (after warmup) with EMA: the first n steps of a longer run ARE the n-step model, so a long run's
+    # snapshots (``snapshot_every``) are each reproducible by ``dfbench diffusion train --steps n``
+    lr_schedule: str = "constant"  # "cosine" (warmup, then cosine decay to 0) or "constant" (warmup, then flat)
     # EMA of the weights, used for sampling (diffusers' EMAModel with its warmup: the decay grows as
     # 1 - (1 + step)^-ema_power up to ema_decay, so a short run averages over its last ~10-20 % of steps)
     ema_decay: float = 0.999  # 0: no EMA, sample with the last weights
@@ -115,7 +122,7 @@ def default_config(dataset, steps: int | None = None, **overrides) -> DDPMTrainC
     2x2 patches: cheap enough to train and sample on a laptop CPU in well under a minute per model.
     """
     resolution = 32 if int(dataset.input_shape[-1]) <= 32 else 64
-    model_kw = {"resolution": resolution, "patch_size": 2}
+    model_kw = dict(DEFAULT_MODEL, resolution=resolution)
     model_kw.update({k: overrides.pop(k) for k in list(overrides) if k in PixelDDPMConfig.__dataclass_fields__})
     if "block_out_channels" in model_kw:
         model_kw["block_out_channels"] = tuple(model_kw["block_out_channels"])
@@ -186,17 +193,30 @@ class TrainedDDPM:
     reused: bool
 
 
+def ddpm_where(dataset, train_envs: Sequence[int], trial_seed: int, holdout_fraction: float,
+               config: DDPMTrainConfig) -> dict[str, Any]:
+    """The store identity fields of the DDPM for these training domains (``ModelStore.identity(**...)``).
+    Trial seeds that share a model share its identity: the store's (integer) trial seed is the first shared
+    one, and the config records which split it is."""
+    split = split_label(trial_seed, config.shared_trials)
+    return dict(dataset=dataset, train_envs=sorted(int(e) for e in train_envs), holdout_fraction=holdout_fraction,
+                trial_seed=0 if split.startswith("shared") else trial_seed, config={**config.to_json(), "split": split})
+
+
 def train_pixel_ddpm(dataset, train_envs: Sequence[int], test_envs: Sequence[int], *, trial_seed: int = 0,
                      holdout_fraction: float = HOLDOUT_FRACTION, config: DDPMTrainConfig | None = None,
                      cache_dir: str | Path | None = None, store: ModelStore | None = None,
                      device: str | torch.device = "cpu", progress: bool = True, costs=None, workers: int | None = None,
-                     allow_condition_on_held_out: bool = False, made_by: str | None = None) -> TrainedDDPM:
+                     allow_condition_on_held_out: bool = False, made_by: str | None = None,
+                     snapshot_every: int = 0, snapshot_dir: str | Path | None = None) -> TrainedDDPM:
     """Load the cached DDPM for these training domains, or train it on their in-splits, through the
     cached-model store (``store``, or one at ``cache_dir``).
 
     The returned backbone is already restricted to ``test_envs`` (the leakage guard is installed).
     ``costs`` gets ``diffusion_train_seconds``, and ``reused_diffusion_train_seconds`` when the weights
     were made by someone other than ``made_by`` (a resumed run paid for the model it trained itself).
+    ``snapshot_every`` > 0 also saves the (EMA) weights every that many steps under ``snapshot_dir/step_<n>``:
+    with ``lr_schedule="constant"`` the snapshot at step n is the model a run with ``steps=n`` makes.
     """
     guard = LeakageGuard(dataset.name, dataset.domains, test_envs)
     train_envs = sorted(int(e) for e in train_envs)
@@ -209,10 +229,7 @@ def train_pixel_ddpm(dataset, train_envs: Sequence[int], test_envs: Sequence[int
             raise DfbenchError("train_pixel_ddpm needs a cache_dir or a ModelStore")
         store = ModelStore(cache_dir)
     split = split_label(trial_seed, config.shared_trials)
-    # trial seeds that share a model share its identity: the store's (integer) trial seed is the first
-    # shared one, and the config records which split it is
-    where = dict(dataset=dataset, train_envs=train_envs, holdout_fraction=holdout_fraction,
-                 trial_seed=0 if split.startswith("shared") else trial_seed, config={**config.to_json(), "split": split})
+    where = ddpm_where(dataset, train_envs, trial_seed, holdout_fraction, config)
     key = store.key_of(store.identity("pixel_ddpm", **where))
     device = torch.device(device)
 
@@ -225,14 +242,15 @@ def train_pixel_ddpm(dataset, train_envs: Sequence[int], test_envs: Sequence[int
                                         seen_domains=train_envs, key=key, info=info).to(device)
 
     def fit(backbone: PixelDDPMBackbone) -> dict:
-        _train(backbone, dataset, train_envs, trial_seed, holdout_fraction, config, device, progress, workers)
+        _train(backbone, dataset, train_envs, trial_seed, holdout_fraction, config, device, progress, workers,
+               snapshot_every, snapshot_dir)
         backbone.info["made_by"] = made_by
         return {k: backbone.info[k] for k in ("final_loss", "trained_on")}
 
     entry = store.get_or_train("pixel_ddpm", **where, build=build, train=fit, guard=guard, costs=costs,
                                made_by=made_by, device=device, cost_name="diffusion_train_seconds",
                                save=lambda backbone, path: backbone.save(path),
-                               load=lambda path, dev: PixelDDPMBackbone.load(path, dev))
+                               load=_load_backbone)
     backbone = entry.module
     if backbone.key != key:
         raise DfbenchError(f"cached DDPM at {entry.path} has key {backbone.key[:12]}, expected {key[:12]}; delete the folder")
@@ -240,9 +258,33 @@ def train_pixel_ddpm(dataset, train_envs: Sequence[int], test_envs: Sequence[int
     return TrainedDDPM(backbone, key, entry.path, entry.train_seconds, entry.reused)
 
 
+def _load_backbone(path: Path, device) -> PixelDDPMBackbone:
+    """A saved DDPM; float32 however its tensors were stored (a shipped model keeps them as float16)."""
+    backbone = PixelDDPMBackbone.load(path, device)
+    backbone.model.float()
+    return backbone
+
+
+def _snapshot(backbone: PixelDDPMBackbone, ema, path: Path, steps: int, start: float, losses: list[float]) -> None:
+    """Save the weights sampling would use after ``steps`` steps (the EMA's when there is one)."""
+    params = list(backbone.model.parameters())
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+    tail = losses[-50:] or [float("nan")]
+    info = dict(backbone.info)
+    backbone.info.update(steps_done=steps, train_seconds=time.perf_counter() - start, final_loss=sum(tail) / len(tail))
+    try:
+        backbone.save(path)
+    finally:
+        backbone.info = info
+        if ema is not None:
+            ema.restore(params)
+
+
 def _train(backbone: PixelDDPMBackbone, dataset, train_envs, trial_seed, holdout_fraction, config: DDPMTrainConfig,
-           device, progress, workers) -> None:
-    """Fit ``backbone`` in place on the in-splits of ``train_envs``."""
+           device, progress, workers, snapshot_every: int = 0, snapshot_dir: str | Path | None = None) -> None:
+    """Fit ``backbone`` in place on the in-splits of ``train_envs`` (optionally saving EMA snapshots)."""
     from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
@@ -297,6 +339,8 @@ def _train(backbone: PixelDDPMBackbone, dataset, train_envs, trial_seed, holdout
         if ema is not None:
             ema.step(model.parameters())
         losses.append(loss.item())
+        if snapshot_every > 0 and snapshot_dir is not None and (step + 1) % snapshot_every == 0:
+            _snapshot(backbone, ema, Path(snapshot_dir) / f"step_{step + 1}", step + 1, start, losses)
         if step % 20 == 0 or step == config.steps - 1:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
     bar.close()

@@ -12,7 +12,7 @@ LAYERS = {
     "errors": 0, "registry": 0, "protocol": 0, "paths": 0, "hparams": 0, "costs": 0, "runfiles": 0,
     "data": 1, "networks": 1, "diffusion": 1,
     "algorithms": 2,
-    "training": 3, "catalog": 3,
+    "training": 3, "catalog": 3, "shipping": 3,
     "sweep": 4, "selection": 4, "collect": 4, "tables": 4, "report": 4, "launchers": 5, "bench": 5,
     "cli": 6, "__main__": 7,
 }

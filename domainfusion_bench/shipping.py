@@ -1,7 +1,7 @@
 """Make the models shipped with the package (``domainfusion_bench/shipped_models``), from a trained model.
 
-    python -m domainfusion_bench.diffusion.shipping ddpm <snapshot folder> --dataset DigitStyles --test_envs 2 --steps N
-    python -m domainfusion_bench.diffusion.shipping oracle --dataset DigitStyles --test_envs 2
+    python -m domainfusion_bench.shipping ddpm <snapshot folder> --dataset DigitStyles --test_envs 2 --steps N
+    python -m domainfusion_bench.shipping oracle --dataset DigitStyles --test_envs 2
 
 A shipped model has the key of the model that ``dfbench diffusion train`` (or a run) would train with the same
 config, so the cached-model store serves it in place of training; its card (``card.json`` + ``MODEL_CARD.md``)
@@ -88,7 +88,7 @@ def ship_oracle(dataset, test_envs: Sequence[int], *, dest_root: Path = SHIPPED_
                               models=store, costs=None, made_by="dfbench shipped oracle_classifier", device="cpu",
                               heartbeat=lambda: None)
     entry = oracle_classifier(context, resolution, hp, charge=False)
-    command = (f"DFBENCH_NO_SHIPPED=1 python -m domainfusion_bench.diffusion.shipping oracle --dataset {dataset.name} "
+    command = (f"DFBENCH_NO_SHIPPED=1 python -m domainfusion_bench.shipping oracle --dataset {dataset.name} "
                f"--test_envs {' '.join(map(str, test_envs))}  (trains it as a run does: oracle_classifier)")
     card_info = dict(entry.info, config=entry.meta["identity"]["config"], train_seconds=entry.train_seconds)
     card_text = model_card(dataset, "oracle_classifier", entry.key, train_envs, test_envs, command, card_info, False)
@@ -122,7 +122,7 @@ def main(argv=None) -> None:
     from domainfusion_bench.data import get_dataset
     from domainfusion_bench.paths import DEFAULT_DATA_DIR
 
-    p = argparse.ArgumentParser(prog="python -m domainfusion_bench.diffusion.shipping")
+    p = argparse.ArgumentParser(prog="python -m domainfusion_bench.shipping")
     p.add_argument("what", choices=["ddpm", "oracle"])
     p.add_argument("snapshot", nargs="?", help="ddpm: the saved model folder (a snapshot of train_pixel_ddpm)")
     p.add_argument("--dataset", required=True)

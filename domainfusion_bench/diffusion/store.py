@@ -277,9 +277,7 @@ class ModelStore:
         if self.key_of(card.get("identity", {})) != key:
             raise DfbenchError(f"the shipped {kind} at {folder}: its model card's identity does not hash to its key "
                                f"{key[:12]}; reinstall dfbench or delete that folder")
-        verify_shipped(folder, card, dataset, guard)
-        if guard is not None:
-            guard.check_seen(card["identity"]["seen_envs"], f"the shipped {kind} {key[:12]}")
+        verify_shipped(folder, card, dataset, guard)  # the identity's seen_envs are the caller's own: the card's are checked
         with torch.random.fork_rng(devices=rng_devices):
             module = load(folder, device) if load is not None else load_state(build(), folder)
         if isinstance(module, torch.nn.Module):

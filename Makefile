@@ -12,7 +12,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	# torch + torchvision resolved together by pip (never pinned apart: see README)
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,timm,trackers]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -529,3 +529,18 @@ def test_distillation_reads_an_even_stride_of_the_minibatch(monkeypatch):
     algo.loss(minibatches)
     assert len(seen[-1][0]) == 12
     assert algo._context.costs.totals["ld_nfe"] == 4 + 12
+
+
+def test_the_cost_table_shows_all_denoiser_work_beside_generated_images():
+    import pandas as pd
+
+    from domainfusion_bench.tables.costs import _cost_table, cost_frame
+
+    rows = [("CDGA", 2160, 10800, None), ("DomainFusion", 162, 810, 9632), ("ERM", None, None, None)]
+    records = pd.DataFrame([{"dataset": "D", "algorithm": a, "run": a, "step": 300, "cost_generated_images": g,
+                             "cost_nfe": n, "cost_ld_nfe": ld} for a, g, n, ld in rows])
+    costs = cost_frame(records).set_index("algorithm")
+    assert costs.loc["DomainFusion", "cost_total_nfe"] == 810 + 9632
+    assert costs.loc["CDGA", "cost_total_nfe"] == 10800 and pd.isna(costs.loc["ERM", "cost_total_nfe"])
+    table = _cost_table(costs.reset_index(), "D")
+    assert table.columns == ["runs", "generated images", "distillation NFEs", "NFEs", "NFEs in all"]

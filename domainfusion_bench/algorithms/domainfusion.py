@@ -147,8 +147,9 @@ class DomainFusion(GenerativeAlgorithm):
             # per image, more than the classifier's own step on a small CNN.
             space.add("df_ld_batch", 0)
         if cls.AUGMENT:
-            # 5% of each in-split, 2 candidates per refresh, a refresh every 15 epochs: about 7.5% of
-            # CDGA's images over the demo's 301 steps on DigitStyles (27 epochs: 1 refresh)
+            # the paper's form (a pool fraction, a period T in epochs, N candidates); the values are ours. On
+            # DigitStyles at batch 32: 7.5% of CDGA's images at the demo's 301 steps (1 refresh), 148% at
+            # 5001 (29 refreshes); domainfusion_schedule counts any length
             space.add("df_pool_fraction", 0.05, lambda r: float(r.choice([0.02, 0.05, 0.1])))
             space.add("df_refresh_epochs", 15.0, lambda r: float(r.choice([5.0, 10.0, 15.0, 20.0])))
             space.add("df_candidates", 2, lambda r: int(r.choice([2, 3, 4])))  # c* and s* are chosen among them

@@ -26,14 +26,18 @@ def make_splits(dataset: MultiDomainDataset, args: TrainArgs, hparams: dict[str,
     eval_tf, train_tf = dataset.eval_transform(), dataset.train_transform(augment)
     batch_tf = getattr(dataset, "batch_transform", lambda augment: None)  # stored folder datasets have one
     eval_btf, train_btf = batch_tf(False), batch_tf(augment)
+    # a store crops from its larger copy (the detail of the original), and evaluates on the resized one
+    crop_envs = getattr(dataset, "crop_envs", None) if getattr(dataset, "stored", False) and augment else None
     train, splits, index_record = [], {}, {}
     for i, env in enumerate(dataset.envs):
         out_idx, in_idx = split_indices(len(env), args.trial_seed, i, args.holdout_fraction)
+        train_env = crop_envs[i] if crop_envs else env
         if i not in args.test_envs:
-            train.append(SplitDataset(env, in_idx, train_tf, train_btf))
-        tf, btf = (train_tf, train_btf) if eval_augment and i not in args.test_envs else (eval_tf, eval_btf)
-        splits[f"env{i}_in"] = SplitDataset(env, in_idx, tf, btf)
-        splits[f"env{i}_out"] = SplitDataset(env, out_idx, tf, btf)
+            train.append(SplitDataset(train_env, in_idx, train_tf, train_btf))
+        augmented = eval_augment and i not in args.test_envs
+        tf, btf, src = (train_tf, train_btf, train_env) if augmented else (eval_tf, eval_btf, env)
+        splits[f"env{i}_in"] = SplitDataset(src, in_idx, tf, btf)
+        splits[f"env{i}_out"] = SplitDataset(src, out_idx, tf, btf)
         index_record[f"env{i}"] = {"domain": dataset.domains[i], "in": in_idx, "out": out_idx}
     return train, splits, index_record
 

@@ -49,7 +49,9 @@ def load_agreed(runtime: Runtime, path) -> dict[str, Any] | None:
     """The resume point as the main rank judges it: only the main rank may find it corrupt and move it
     aside; it tells the others whether to resume, and they then read the file it read. All ranks resume
     or all restart: a rank that cannot read what the main one read stops every rank with one error."""
-    state = runfiles.load_resume(path, map_location=runtime.device) if runtime.is_main else None
+    # accelerate's CPU device under several processes is "cpu:<rank>", which torch.load cannot map to
+    where = "cpu" if runtime.device.type == "cpu" else runtime.device
+    state = runfiles.load_resume(path, map_location=where) if runtime.is_main else None
     if runtime.world == 1:
         return state
     from accelerate.utils import broadcast_object_list
@@ -58,7 +60,7 @@ def load_agreed(runtime: Runtime, path) -> dict[str, Any] | None:
     failed = ""
     if resuming and not runtime.is_main:
         try:
-            state = torch.load(path, map_location=runtime.device, weights_only=True)
+            state = torch.load(path, map_location=where, weights_only=True)
         except Exception as err:  # noqa: BLE001 - any failure: the ranks must not split
             failed = f"{type(err).__name__}: {err}".splitlines()[0]
     failures = runtime.sum_over_ranks(torch.tensor([float(bool(failed))], device=runtime.device))

@@ -75,10 +75,25 @@ class ImageFolderDataset(MultiDomainDataset):
         self.resolution = resolution
         self.input_shape = (3, resolution, resolution)
 
-    def store_bytes(self) -> int:
-        """Size of the uint8 store at the current resolution, at most (its crop copy counted at full size)."""
-        crop = crop_source_size(self.resolution, 10**9)
-        return sum(len(env) for env in self.envs) * 3 * (self.resolution**2 + crop**2)
+    def store_bytes(self, cache_dir: str | Path | None = None) -> int:
+        """Size of the uint8 store (both copies) at the current resolution; without ``cache_dir`` (where
+        the images' sizes are read once and cached) the crop copy is counted at its largest."""
+        sizes = None if cache_dir is None else self._sizes(cache_dir)
+        largest = 10**9 if sizes is None else int(sizes.max()) if len(sizes) else 1
+        crop = crop_source_size(self.resolution, largest)
+        return sum(len(env) for env in self.envs) * 3 * (self.resolution**2 + (crop**2 if crop != self.resolution else 0))
+
+    def _paths_digest(self) -> tuple[list[str], str]:
+        """Every image path and the store's cache key (kept: after ``load_store`` the envs hold tensors)."""
+        if getattr(self, "_paths_key", None) is None:
+            paths = [p for env in self.envs for p, _ in env.samples]
+            key = json.dumps([str(self.root.resolve()), [[p, os.path.getsize(p)] for p in paths]])
+            self._paths_key = paths, hashlib.md5(key.encode()).hexdigest()[:16]
+        return self._paths_key
+
+    def _sizes(self, cache_dir: str | Path) -> torch.Tensor:
+        paths, digest = self._paths_digest()
+        return self._original_sizes(paths, Path(cache_dir) / f"images_{digest}_sizes.npy")
 
     def load_store(self, cache_dir: str | Path, num_workers: int = 0) -> Path:
         """Decode and resize every image once into uint8 tensors; ``envs`` (training resolution) and
@@ -90,12 +105,11 @@ class ImageFolderDataset(MultiDomainDataset):
         at the training resolution.
         """
         samples = [env.samples for env in self.envs]
-        paths = [p for env in samples for p, _ in env]
-        key = json.dumps([str(self.root.resolve()), [[p, os.path.getsize(p)] for p in paths]])
-        digest = hashlib.md5(key.encode()).hexdigest()[:16]
+        paths, digest = self._paths_digest()
         path = Path(cache_dir) / f"images_{self.resolution}px_{digest}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
         images = self._decoded(paths, self.resolution, path, num_workers)
-        originals = self._original_sizes(paths, path.with_name(f"images_{digest}_sizes.npy"))
+        originals = self._sizes(cache_dir)
         self.crop_size = crop_source_size(self.resolution, int(originals.max()) if len(originals) else 1)
         crop_path = path.with_name(f"images_{self.crop_size}px_{digest}.npy")
         crops = images if self.crop_size == self.resolution else self._decoded(paths, self.crop_size, crop_path,
@@ -138,6 +152,7 @@ class ImageFolderDataset(MultiDomainDataset):
             with Image.open(p) as im:
                 hw.append((im.height, im.width))
         sizes = torch.tensor(hw, dtype=torch.int64).reshape(-1, 2)
+        cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         with open(tmp, "wb") as f:
             np.save(f, sizes.numpy())

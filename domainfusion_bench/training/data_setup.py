@@ -48,10 +48,10 @@ def load_data(args: TrainArgs, speed: Speed, dataset: MultiDomainDataset | None 
     dataset.check_test_envs(args.test_envs)
     store = getattr(dataset, "load_store", None)
     if (speed.image_store and store is not None and not dataset.stored
-            and dataset.store_bytes() <= speed.store_max_gb * 2**30):
+            and dataset.store_bytes(Path(args.data_dir) / ".dfbench_cache") <= speed.store_max_gb * 2**30):
         started = time.perf_counter()
         path = store(Path(args.data_dir) / ".dfbench_cache", num_workers=workers)
-        print(f"image store: {path} ({dataset.store_bytes() / 2**30:.2f} GiB, {time.perf_counter() - started:.1f} s)")
+        print(f"image store: {path} ({dataset.store_bytes(path.parent) / 2**30:.2f} GiB, {time.perf_counter() - started:.1f} s)")
     return dataset
 
 

@@ -80,3 +80,27 @@ def test_ranks_get_the_draws_of_their_slice_of_the_one_process_batch(store, batc
     for d, (x, y) in enumerate(alone):
         for r in (0, 1):
             assert torch.equal(ranks[r][d][0], x[r::2]) and torch.equal(ranks[r][d][1], y[r::2])
+
+
+def test_which_path_ran_is_recorded_and_only_the_flag_rekeys_a_run(store, tmp_path):
+    import dataclasses
+
+    from domainfusion_bench.cli import build_parser
+    from domainfusion_bench.protocol import run_hash
+    from domainfusion_bench.training import Speed, TrainArgs
+    from domainfusion_bench.training.data_setup import load_data
+
+    args = TrainArgs(dataset=f"folder:{tmp_path / 'data'}", data_dir=str(tmp_path))
+    fresh = lambda: FolderDataset(tmp_path / "data")  # noqa: E731
+    fresh_ds = fresh()
+    fresh_ds.set_resolution(R)
+    assert load_data(args, Speed(), fresh_ds).store_protocol == {"used": True, "crop_copy_px": 100, "resolution": R,
+                                                                 "crop_copy_is_original": True}
+    too_small = load_data(args, Speed(store_max_gb=1e-6), fresh()).store_protocol
+    assert too_small["used"] is False and "DFBENCH_STORE_GB" in too_small["why"]
+    off = dataclasses.replace(args, no_image_store=True)
+    assert load_data(off, Speed(), fresh()).store_protocol == {"used": False, "why": "--no_image_store"}
+    assert build_parser().parse_args(["train", "--no_image_store"]).no_image_store is True
+    base = dataclasses.asdict(args)
+    old = {k: v for k, v in base.items() if k != "no_image_store"}  # a run hashed before the flag existed
+    assert run_hash(base) == run_hash(old) and run_hash(dataclasses.asdict(off)) != run_hash(base)

@@ -111,6 +111,8 @@ class ImageFolderDataset(MultiDomainDataset):
         images = self._decoded(paths, self.resolution, path, num_workers)
         originals = self._sizes(cache_dir)
         self.crop_size = crop_source_size(self.resolution, int(originals.max()) if len(originals) else 1)
+        # every original at the copy's size: its crops are DomainBed's (else resized into the copy first)
+        self.crop_copy_is_original = bool((originals == self.crop_size).all())
         crop_path = path.with_name(f"images_{self.crop_size}px_{digest}.npy")
         crops = images if self.crop_size == self.resolution else self._decoded(paths, self.crop_size, crop_path,
                                                                                num_workers)

@@ -47,11 +47,23 @@ def load_data(args: TrainArgs, speed: Speed, dataset: MultiDomainDataset | None 
     dataset = dataset or get_dataset(args.dataset, args.data_dir)
     dataset.check_test_envs(args.test_envs)
     store = getattr(dataset, "load_store", None)
-    if (speed.image_store and store is not None and not dataset.stored
-            and dataset.store_bytes(Path(args.data_dir) / ".dfbench_cache") <= speed.store_max_gb * 2**30):
-        started = time.perf_counter()
-        path = store(Path(args.data_dir) / ".dfbench_cache", num_workers=workers)
-        print(f"image store: {path} ({dataset.store_bytes(path.parent) / 2**30:.2f} GiB, {time.perf_counter() - started:.1f} s)")
+    if store is None:
+        return dataset
+    cache = Path(args.data_dir) / ".dfbench_cache"
+    # which path ran goes to args["protocol"]: the store limit (DFBENCH_STORE_GB) is not in the run's hash
+    if args.no_image_store or not speed.image_store:
+        dataset.store_protocol = {"used": False, "why": "--no_image_store" if args.no_image_store else "Speed"}
+    elif not dataset.stored and dataset.store_bytes(cache) > speed.store_max_gb * 2**30:
+        dataset.store_protocol = {"used": False, "why": f"{dataset.store_bytes(cache) / 2**30:.1f} GiB > "
+                                                        f"DFBENCH_STORE_GB {speed.store_max_gb:g}"}
+    else:
+        if not dataset.stored:
+            started = time.perf_counter()
+            path = store(cache, num_workers=workers)
+            print(f"image store: {path} ({dataset.store_bytes(cache) / 2**30:.2f} GiB, "
+                  f"{time.perf_counter() - started:.1f} s)")
+        dataset.store_protocol = {"used": True, "crop_copy_px": dataset.crop_size, "resolution": dataset.resolution,
+                                  "crop_copy_is_original": bool(dataset.crop_copy_is_original)}
     return dataset
 
 

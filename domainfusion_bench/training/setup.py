@@ -91,6 +91,7 @@ def protocol_settings(runtime: Runtime, speed: Speed, args: TrainArgs, dataset: 
             "cudnn_benchmark": bool(runtime.cuda and torch.backends.cudnn.benchmark),
             "eval_augment": bool(speed.eval_augment or args.eval_augment),
             "eval_splits": args.eval_splits,
+            "image_store": getattr(dataset, "store_protocol", None),  # None: not a folder dataset
             "dataset": list(getattr(dataset, "DIFFERENCES", ()))}
 
 

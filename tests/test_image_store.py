@@ -104,3 +104,15 @@ def test_which_path_ran_is_recorded_and_only_the_flag_rekeys_a_run(store, tmp_pa
     base = dataclasses.asdict(args)
     old = {k: v for k, v in base.items() if k != "no_image_store"}  # a run hashed before the flag existed
     assert run_hash(base) == run_hash(old) and run_hash(dataclasses.asdict(off)) != run_hash(base)
+
+
+def test_training_splits_crop_from_the_crop_copy_and_evaluation_reads_the_resized_one(store):
+    from domainfusion_bench.training import TrainArgs, make_splits
+
+    args = TrainArgs(dataset="folder:x", test_envs=[0])
+    train, splits, _ = make_splits(store, args, {"data_augmentation": True})
+    assert train[0].dataset is store.crop_envs[1] and splits["env1_out"].dataset is store.envs[1]
+    _, augmented, _ = make_splits(store, args, {"data_augmentation": True}, eval_augment=True)
+    assert augmented["env1_out"].dataset is store.crop_envs[1] and augmented["env0_in"].dataset is store.envs[0]
+    unaugmented, _, _ = make_splits(store, args, {"data_augmentation": False})
+    assert unaugmented[0].dataset is store.envs[1]  # no crops: the resized copy, as DomainBed's eval transform

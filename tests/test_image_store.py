@@ -116,3 +116,16 @@ def test_training_splits_crop_from_the_crop_copy_and_evaluation_reads_the_resize
     assert augmented["env1_out"].dataset is store.crop_envs[1] and augmented["env0_in"].dataset is store.envs[0]
     unaugmented, _, _ = make_splits(store, args, {"data_augmentation": False})
     assert unaugmented[0].dataset is store.envs[1]  # no crops: the resized copy, as DomainBed's eval transform
+
+
+def test_eval_augment_crops_on_original_sizes_with_the_callers_key(store, monkeypatch):
+    from domainfusion_bench.data import augment
+    from domainfusion_bench.data.loaders import eval_batches
+
+    seen, real = [], augment.crop_params
+    monkeypatch.setattr(augment, "crop_params", lambda h, w, g: seen.append(torch.stack([h, w], 1)) or real(h, w, g))
+    split = SplitDataset(store.envs[0], [0, 1], None, store.batch_transform(True))
+    a = torch.cat([x for x, _ in eval_batches(split, 2, key=(0, 10, "env0_out"))])
+    assert torch.cat(seen).tolist() == [[100, 100], [100, 100]]  # the originals' sizes, not the stored 48 px
+    b = torch.cat([x for x, _ in eval_batches(split, 2, key=(0, 20, "env0_out"))])
+    assert not torch.equal(a, b)  # another checkpoint, other draws (no fixed seed)

@@ -129,6 +129,7 @@ class DomainFusion(GenerativeAlgorithm):
 
     NEEDS = "a diffusion backbone: pixel_ddpm (trained here on the training domains, offline) or sd:<checkpoint>"
     DISTILL = True  # (a) latent distillation
+    DDP_EXACT = False  # the distillation sub-sample (df_ld_batch) is taken per rank, its noise drawn per rank
     AUGMENT = True  # (b) online lightweight augmentation
     # a small pool refreshed every 2 steps of a batch-8 smoke run (45 steps per epoch on DigitStyles)
     SMOKE_HPARAMS = {**GenerativeAlgorithm.SMOKE_HPARAMS, "df_pool_fraction": 0.02, "df_refresh_epochs": 0.05}

@@ -70,6 +70,8 @@ def start_run(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_di
         print(f"{args.algorithm} on {dataset.name}, test envs {args.test_envs}, {steps} steps, hparams {hparams}")
 
     algorithm = ALGORITHMS.get(args.algorithm)(dataset.input_shape, dataset.num_classes, len(train_envs), hparams)
+    if hasattr(getattr(algorithm, "featurizer", None), "describe"):  # e.g. a timm model's weights and data config
+        record_args["protocol"]["featurizer"] = algorithm.featurizer.describe()
     costs, metrics = CostMeter(), MetricMeter()
     batch_size = hparams["batch_size"]
     context = TrainingContext(
@@ -100,6 +102,9 @@ def set_up(algorithm: Algorithm, context: TrainingContext, eval_splits: Sequence
     generates here, on that device and in the run's precision), put the data on the device and build the
     optimizers. Under DDP the main process prepares first; the others then find its work in the caches.
     Returns the splits it trains on."""
+    featurizer = getattr(algorithm, "featurizer", None)
+    if hasattr(featurizer, "set_input_normalization"):  # featurizers that read [0, 1] images or their own statistics
+        featurizer.set_input_normalization(getattr(context.dataset, "NORMALIZATION", None))
     algorithm.to(runtime.device)
     with runtime.accelerator.main_process_first():
         replaced = algorithm.prepare(context)

@@ -22,8 +22,10 @@ HOLDOUT_FRACTION = 0.2
 # count by their files' content (``plugin_digests``), not by where they live.
 NON_SEMANTIC_ARGS = frozenset(
     {"data_dir", "output_dir", "launcher", "device", "plugins", "skip_model_save", "num_workers", "eval_batch_size",
-     "gen_batch_size"}
+     "gen_batch_size", "save_model_every_checkpoint", "log_with"}
 )
+# Arguments added after runs were named: left out of the hash at these values, so older runs keep their names.
+LATER_DEFAULTS = {"task": "domain_generalization", "uda_holdout_fraction": 0.0}
 
 
 def seed_hash(*args: Any) -> int:
@@ -67,7 +69,8 @@ def plugin_digests(paths: Sequence[str]) -> list[str]:
 
 def semantic_args(args: Mapping[str, Any]) -> dict[str, Any]:
     """The training arguments that change the result, plugins by content (what a run's hash covers)."""
-    semantic = {k: v for k, v in args.items() if k not in NON_SEMANTIC_ARGS}
+    semantic = {k: v for k, v in args.items() if k not in NON_SEMANTIC_ARGS
+                and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
     if args.get("plugins"):
         semantic["plugin_sha256"] = plugin_digests(args["plugins"])
     return semantic

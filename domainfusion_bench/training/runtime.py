@@ -10,6 +10,7 @@ import torch
 from domainfusion_bench.algorithms import Algorithm
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.training.args import TrainArgs
+from domainfusion_bench.training.logs import tracker_names
 
 
 BUCKET_BYTES = 25 * 2**20  # gradients per all-reduce (DDP's default bucket_cap_mb)
@@ -53,7 +54,9 @@ class Runtime:
 
         # find_unused_parameters: a method's extra losses may leave some trainable parameters out of a step
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-        self.accelerator = Accelerator(cpu=want_cpu, mixed_precision="bf16" if bf16 else "no", kwargs_handlers=[ddp])
+        trackers = tracker_names(getattr(args, "log_with", None))  # --log_with: files under the run dir
+        self.accelerator = Accelerator(cpu=want_cpu, mixed_precision="bf16" if bf16 else "no", kwargs_handlers=[ddp],
+                                       log_with=trackers or None, project_dir=args.output_dir if trackers else None)
         self.device = self.accelerator.device
         self.cuda = self.device.type == "cuda"
         self.rank = self.accelerator.process_index

@@ -161,3 +161,12 @@ def test_diti_encoder_is_a_featurizer_for_any_algorithm():
     assert isinstance(algo.featurizer.encoder, DiTiEncoder) and algo.featurizer.encoder.net[0].out_channels == 8
     with pytest.raises(DfbenchError, match="takes no \\?options"):
         build_featurizer((3, 28, 28), {"backbone": "cnn?width=3"})
+
+
+def test_bench_takes_a_timm_backbone(data_dir):
+    from domainfusion_bench.bench import BenchOptions, run_bench
+
+    opts = BenchOptions(dataset="synthetic-pacs", backbone=VIT, resolution=None, batch_size=2, steps=1, warmup=0,
+                        device="cpu", data_dir=str(data_dir), num_workers=0, threads=1)
+    (fast,) = run_bench(opts)["profiles"]
+    assert fast["backbone"] == VIT and fast["train_images_per_s"] > 0 and fast["eval_images_per_s"] > 0

@@ -157,3 +157,23 @@ def test_non_main_processes_log_nothing(tmp_path):
     main.log({"step": 0, "env0_in_acc": 0.5})
     main.end()
     assert list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_a_sweep_spec_passes_log_with_and_the_new_flags_to_its_runs(tmp_path):
+    from domainfusion_bench.sweep import make_jobs, parse_spec
+
+    base = dict(name="t", datasets=["RotatedDigits"], algorithms=["ERM"], n_hparams=1, n_trials=1, test_envs=[[0]],
+                steps=3, output_dir=str(tmp_path / "out"), data_dir=str(tmp_path / "data"))
+    plain = make_jobs(parse_spec(base))[0]
+    logged = make_jobs(parse_spec({**base, "train_args": {"log_with": "tensorboard", "save_model_every_checkpoint": True,
+                                                          "task": "domain_adaptation", "uda_holdout_fraction": 0.2}}))[0]
+    assert logged.args.log_with == "tensorboard" and logged.args.task == "domain_adaptation"
+    assert logged.args.save_model_every_checkpoint and logged.args.uda_holdout_fraction == 0.2
+    from domainfusion_bench.cli import build_parser
+    from domainfusion_bench.sweep import train_argv
+
+    ns = build_parser().parse_args(train_argv(logged.args))  # what a launched child gets
+    assert TrainArgs(**{k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}) == logged.args
+    assert make_jobs(parse_spec({**base, "train_args": {"log_with": "tensorboard"}}))[0].run_dir == plain.run_dir
+    with pytest.raises(DfbenchError, match="log_with must be one or more of"):
+        parse_spec({**base, "train_args": {"log_with": "tensorbord"}})

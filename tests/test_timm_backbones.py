@@ -82,7 +82,7 @@ def test_inputs_are_renormalised_to_the_model_config():
     assert torch.allclose(seen[0], (x01 - 0.5) / 0.5, atol=1e-5)  # what the model's config asks for
 
 
-def test_weights_from_a_local_file_and_folder_load(tmp_path):
+def test_weights_from_a_local_file_folder_and_cache_load(tmp_path, monkeypatch):
     spec = "timm:convnext_tiny?depths=[1,1,1,1]&dims=[8,16,16,16]"
     source = build_featurizer((3, 32, 32), {"backbone": spec, "pretrained": "none"})
     torch.save(source.model.state_dict(), tmp_path / "w.pth")
@@ -95,6 +95,16 @@ def test_weights_from_a_local_file_and_folder_load(tmp_path):
         for (name, p), q in zip(source.model.state_dict().items(), loaded.model.state_dict().values()):
             assert torch.equal(p, q), (where, name)
     fresh = build_featurizer((3, 32, 32), {"backbone": spec, "pretrained": "none"})
+    # pretrained "imagenet": the file found in the Hugging Face cache already on disk (hub layout, no download)
+    repo = tmp_path / "hf" / "models--timm--convnext_tiny.in12k_ft_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    save_file(source.model.state_dict(), repo / "snapshots" / "abc123" / "model.safetensors")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
+    cached = build_featurizer((3, 32, 32), {"backbone": spec, "pretrained": "imagenet"})
+    assert torch.equal(cached.model.stem[0].weight, source.model.stem[0].weight)
+    assert cached.describe()["weights"] == str(repo / "snapshots" / "abc123" / "model.safetensors")
     assert not torch.equal(fresh.model.stem[0].weight, source.model.stem[0].weight)  # the load did something
 
 
@@ -107,6 +117,9 @@ def test_missing_weights_are_one_clear_error(tmp_path, monkeypatch):
     assert '"pretrained": "none"' in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(DfbenchError, match="timm has no model 'convnxt_tiny'"):
         build_featurizer((3, 32, 32), {"backbone": "timm:convnxt_tiny", "pretrained": "none"})
+    with pytest.raises(DfbenchError, match=r"takes \(224, 224\) px images but the dataset gives \(32, 32\): use "
+                                           r"backbone timm:vit_tiny_patch16_224\?img_size=32"):
+        build_featurizer((3, 32, 32), {"backbone": "timm:vit_tiny_patch16_224?depth=1", "pretrained": "none"})
     with pytest.raises(DfbenchError, match="do not exist"):
         build_featurizer((3, 32, 32), {"backbone": "timm:convnext_tiny", "pretrained": str(tmp_path / "nope.pth")})
 

@@ -182,5 +182,5 @@ def build_featurizer(input_shape: tuple[int, ...], hparams: dict) -> nn.Module:
     if backbone.startswith(TIMM_PREFIX) and len(backbone) > len(TIMM_PREFIX):
         from domainfusion_bench.networks.timm_backbones import TimmFeaturizer
 
-        return TimmFeaturizer(backbone[len(TIMM_PREFIX):], hparams.get("pretrained", "imagenet"), input_shape[0], options)
+        return TimmFeaturizer(backbone[len(TIMM_PREFIX):], hparams.get("pretrained", "imagenet"), tuple(input_shape), options)
     raise DfbenchError(f"unknown backbone {backbone!r}. Choices: {', '.join(BACKBONES)}")

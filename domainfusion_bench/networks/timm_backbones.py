@@ -106,8 +106,10 @@ def weights_file(name: str, pretrained: str) -> Path | None:
 class TimmFeaturizer(nn.Module):
     """A timm model without its classifier (``num_classes=0``: pooled features, ``n_outputs`` of them)."""
 
-    def __init__(self, name: str, pretrained: str = "imagenet", in_channels: int = 3, kwargs: dict | None = None):
+    def __init__(self, name: str, pretrained: str = "imagenet", input_shape: tuple[int, ...] = (3, 224, 224),
+                 kwargs: dict | None = None):
         super().__init__()
+        in_channels = int(input_shape[0])
         timm = _timm()
         _check_name(name)
         source = weights_file(name, pretrained)
@@ -122,6 +124,12 @@ class TimmFeaturizer(nn.Module):
             raise DfbenchError(f"timm could not build {name} with pretrained={pretrained!r} and timm_kwargs {kwargs}: "
                                f"{str(err).splitlines()[0]}") from None
         self.name, self.pretrained, self.source = name, pretrained, None if source is None else str(source)
+        embed = getattr(self.model, "patch_embed", None)  # a ViT with a fixed input size: say so now, not mid-run
+        if getattr(embed, "strict_img_size", False) and tuple(embed.img_size) != tuple(input_shape[-2:]):
+            size = input_shape[-1]
+            raise DfbenchError(f"timm:{name} takes {tuple(embed.img_size)} px images but the dataset gives "
+                               f"{tuple(input_shape[-2:])}: use backbone timm:{name}?img_size={size} (timm resamples "
+                               "the position embeddings of pretrained weights) or ?dynamic_img_size=true")
         self.n_outputs = self.model.num_features
         self.data_config = timm.data.resolve_data_config({}, model=self.model)
         mean, std = self.data_config["mean"], self.data_config["std"]

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from domainfusion_bench.algorithms import ALGORITHMS
-from domainfusion_bench.data import get_dataset
 from domainfusion_bench.data.synthetic import generate
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.networks import build_featurizer
@@ -25,8 +24,6 @@ CONVNEXT = "timm:convnext_tiny?depths=[1,1,1,1]&dims=[8,16,16,16]"
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     generate(root / "synthetic_pacs", per_class=2)
-    # build the uint8 store now: a run that builds it draws from torch's RNG (DataLoader) before the model's init
-    get_dataset("synthetic-pacs", root).load_store(root / ".dfbench_cache")
     return root
 
 
@@ -183,3 +180,14 @@ def test_bench_takes_a_timm_backbone(data_dir):
                         device="cpu", data_dir=str(data_dir), num_workers=0, threads=1)
     (fast,) = run_bench(opts)["profiles"]
     assert fast["backbone"] == VIT and fast["train_images_per_s"] > 0 and fast["eval_images_per_s"] > 0
+
+
+def test_building_the_image_store_leaves_the_runs_initialisation_alone(tmp_path):
+    generate(tmp_path / "data" / "synthetic_pacs", per_class=1)
+    losses = []
+    for name in ("builds_store", "finds_store"):
+        args = TrainArgs(dataset="synthetic-pacs", data_dir=str(tmp_path / "data"), test_envs=[0], steps=1,
+                         output_dir=str(tmp_path / name), device="cpu", num_workers=0, skip_model_save=True,
+                         hparams=json.dumps({"backbone": "cnn", "cnn_width": 16, "batch_size": 2}))
+        losses.append(_records(train(args))[0]["loss"])
+    assert losses[0] == losses[1]

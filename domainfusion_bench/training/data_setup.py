@@ -68,7 +68,8 @@ def load_data(args: TrainArgs, speed: Speed, dataset: MultiDomainDataset | None 
     if (speed.image_store and store is not None and not dataset.stored
             and dataset.store_bytes() <= speed.store_max_gb * 2**30):
         started = time.perf_counter()
-        path = store(Path(args.data_dir) / ".dfbench_cache", num_workers=workers)
+        with torch.random.fork_rng(devices=[]):  # its DataLoader draws a seed: the run's init must not depend on it
+            path = store(Path(args.data_dir) / ".dfbench_cache", num_workers=workers)
         print(f"image store: {path} ({dataset.store_bytes() / 2**30:.2f} GiB, {time.perf_counter() - started:.1f} s)")
     return dataset
 

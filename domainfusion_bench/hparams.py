@@ -178,6 +178,9 @@ def apply_overrides(hparams: dict[str, Any], overrides: Mapping[str, Any], where
     return merged
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim")  # accelerate's trackers that --log_with offers
+
+
 def check_train_args(args: Any) -> None:
     """Training arguments in range, one clear line each (the CLI's types are checked by argparse; a
     TrainArgs built in Python or by a sweep spec is checked here)."""
@@ -211,6 +214,19 @@ def check_train_args(args: Any) -> None:
     for name, allowed in choices.items():
         if getattr(args, name) not in allowed:
             raise fail(name, " | ".join(allowed))
+    u = args.uda_holdout_fraction
+    if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 <= u < 1:
+        raise fail("uda_holdout_fraction", "a number in [0, 1), e.g. 0.2 (DomainBed's share of the held-out in-split "
+                   "given unlabelled to the algorithm)")
+    if args.task not in ("domain_generalization", "domain_adaptation"):
+        raise fail("task", "domain_generalization | domain_adaptation")
+    if args.task == "domain_adaptation" and u == 0:
+        raise DfbenchError("--task domain_adaptation needs unlabelled held-out data: add --uda_holdout_fraction, "
+                           "e.g. 0.2 (DomainBed's flag)")
+    log_with = args.log_with
+    if log_with is not None and (not isinstance(log_with, str) or not all(
+            t.strip() in TRACKERS for t in log_with.split(","))):
+        raise fail("log_with", f"one or more of {', '.join(TRACKERS)}, comma-separated")
     device = args.device
     if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or
                                            (device.startswith("cuda:") and device[5:].isdigit())):

@@ -22,8 +22,10 @@ HOLDOUT_FRACTION = 0.2
 # count by their files' content (``plugin_digests``), not by where they live.
 NON_SEMANTIC_ARGS = frozenset(
     {"data_dir", "output_dir", "launcher", "device", "plugins", "skip_model_save", "num_workers", "eval_batch_size",
-     "gen_batch_size"}
+     "gen_batch_size", "save_model_every_checkpoint", "log_with"}
 )
+# Arguments added after runs were named: left out of the hash at these values, so older runs keep their names.
+LATER_DEFAULTS = {"task": "domain_generalization", "uda_holdout_fraction": 0.0}
 
 
 def seed_hash(*args: Any) -> int:
@@ -66,7 +68,7 @@ def plugin_digests(paths: Sequence[str]) -> list[str]:
 
 
 # Arguments added after runs were hashed: left out at these defaults, so existing run hashes stay valid.
-OMITTED_AT_DEFAULT = {"no_image_store": False}
+OMITTED_AT_DEFAULT = {"no_image_store": False, **LATER_DEFAULTS}
 
 
 def semantic_args(args: Mapping[str, Any]) -> dict[str, Any]:

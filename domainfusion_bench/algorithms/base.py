@@ -99,7 +99,9 @@ class Algorithm(nn.Module):
         """Total loss and named terms to log (detached tensors)."""
         raise NotImplementedError(f"{type(self).__name__} must implement loss() or update()")
 
-    def update(self, minibatches: Minibatches) -> dict[str, torch.Tensor]:
+    def update(self, minibatches: Minibatches, unlabeled: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """One step. ``unlabeled`` (``--task domain_adaptation``, as DomainBed's ``update``): one batch of
+        unlabelled images per held-out domain; the base class trains on the labelled minibatches only."""
         self.optimizer.zero_grad(set_to_none=True)
         loss, terms = (self.loss_step or self.loss)(minibatches)
         self.backward(loss)

@@ -34,6 +34,8 @@ STAGE_CHOICES = {
 
 
 def auto_stages(featurizer: StagedFeaturizer) -> tuple[str, ...]:
+    if hasattr(featurizer, "auto_mix_stages"):  # timm backbones: the first half of feature_info's stages
+        return tuple(featurizer.auto_mix_stages)
     if isinstance(featurizer, ResNetFeaturizer):
         bottleneck = isinstance(featurizer.stages["layer1"][0], Bottleneck)
         return AUTO_STAGES["resnet_bottleneck" if bottleneck else "resnet_basic"]
@@ -42,6 +44,9 @@ def auto_stages(featurizer: StagedFeaturizer) -> tuple[str, ...]:
 
 def resolve_stages(value: Any, featurizer: StagedFeaturizer) -> list[str]:
     """``mix_stages`` -> the stage names to insert after, checked against the featurizer."""
+    if not hasattr(featurizer, "stage_names"):
+        raise DfbenchError(f"MixStyle/EFDM insert a layer between featurizer stages; the {type(featurizer).__name__} "
+                           "has none. Use backbone cnn, resnet18, resnet50 or a convolutional timm:<name>.")
     if value == "auto":
         names = list(auto_stages(featurizer))
     elif isinstance(value, str):
@@ -69,6 +74,9 @@ class StyleMixingAlgorithm(Algorithm):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         self.mixer = StyleMixing(self.RULE, p=hparams["mix_p"], alpha=hparams["mix_alpha"], mix=hparams["mix_mode"])
         self.mix_stages = resolve_stages(hparams["mix_stages"], self.featurizer)
+        check = getattr(self.featurizer, "check_feature_maps", None)  # a timm transformer gives tokens, not maps
+        if check is not None:
+            check(self.mix_stages, self.input_shape)
         for stage in self.mix_stages:  # one shared instance at every insertion point
             self.featurizer.insert_after(stage, self.mixer)
 

@@ -56,7 +56,8 @@ def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="throughput: training vs ceiling, eval, memory; fast vs DomainBed settings; collector")
     p.add_argument("--dataset", default="synthetic-pacs", help="registered name or folder:<path> (default: %(default)s, generated)")
     p.add_argument("--algorithm", default="ERM")
-    p.add_argument("--backbone", default="resnet50", help="resnet50 | resnet18 | cnn (untrained weights: speed only)")
+    p.add_argument("--backbone", default="resnet50",
+                   help="resnet50 | resnet18 | cnn | diti_encoder | timm:<model name> (untrained weights: speed only)")
     p.add_argument("--resolution", type=int, default=224, help="image size for folder datasets (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=32, help="per training domain, as DomainBed's (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="timed training steps, after --warmup untimed ones")

@@ -35,6 +35,14 @@ def _train_parser(sub) -> None:
                    help="evaluate training domains' splits with the training transform (DomainBed's way)")
     p.add_argument("--no_image_store", action="store_true",
                    help="decode and augment folder datasets per image with PIL (DomainBed's way), not from the uint8 store")
+    p.add_argument("--task", choices=["domain_generalization", "domain_adaptation"], default=d.task,
+                   help="domain_adaptation: update() also gets unlabelled held-out images (DomainBed's flag)")
+    p.add_argument("--uda_holdout_fraction", type=float, default=d.uda_holdout_fraction,
+                   help="share of each held-out domain's in-split set aside unlabelled for adaptation (DomainBed)")
+    p.add_argument("--save_model_every_checkpoint", action="store_true",
+                   help="also write model_step<step>.pkl at every checkpoint (DomainBed)")
+    p.add_argument("--log_with", default=None, metavar="TRACKERS",
+                   help="tensorboard | wandb | mlflow | aim (comma-separated): every record's numbers, into the run dir")
     p.set_defaults(func=_run_train)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
+from urllib.parse import parse_qsl
 
 import torch
 from torch import nn
@@ -64,6 +66,7 @@ class SmallCNN(StagedFeaturizer):
         super().__init__(stages, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), n_outputs=width)
 
 
+TIMM_PREFIX = "timm:"
 RESNETS = {"resnet18": (torchvision.models.resnet18, "ResNet18_Weights"), "resnet50": (torchvision.models.resnet50, "ResNet50_Weights")}
 
 
@@ -112,13 +115,72 @@ class ResNetFeaturizer(StagedFeaturizer):
         return self
 
 
-def build_featurizer(input_shape: tuple[int, ...], hparams: dict) -> StagedFeaturizer:
-    """``backbone``: auto (small CNN below 64 px, else ResNet-50), cnn, resnet18 or resnet50."""
-    backbone = hparams.get("backbone", "auto")
+def backbone_options(text: str) -> tuple[str, dict]:
+    """``name?key=value&key=value`` -> (name, options); values are JSON literals (``depth=2``,
+    ``dims=[8,16,32,64]``) or else strings, so a backbone and its size fit in one hparam."""
+    name, _, query = str(text).partition("?")
+    options = {}
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
+    except ValueError:
+        raise DfbenchError(f"backbone options must read name?key=value&key=value, got {text!r}") from None
+    for key, value in pairs:
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return name, options
+
+
+class DiTiEncoderFeaturizer(nn.Module):
+    """The DiTi encoder's architecture (diffusion/diti) as a plain featurizer, trained here like any other:
+    model input -> [0, 1] images -> encoder -> z (``width`` and ``z_dim`` as DiTi's hyperparameters)."""
+
+    def __init__(self, input_shape: tuple[int, ...], width: int = 32, z_dim: int = 512):
+        super().__init__()
+        from domainfusion_bench.diffusion.diti import DiTiEncoder, encoder_resolution
+
+        self.encoder = DiTiEncoder(int(input_shape[0]), z_dim, width, encoder_resolution(input_shape))
+        self.n_outputs = z_dim
+        self.register_buffer("input_mean", torch.zeros(1, input_shape[0], 1, 1))
+        self.register_buffer("input_std", torch.ones(1, input_shape[0], 1, 1))
+
+    def set_input_normalization(self, normalization) -> None:
+        if normalization is not None:
+            mean, std = normalization
+            self.input_mean.copy_(torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).expand_as(self.input_mean))
+            self.input_std.copy_(torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1).expand_as(self.input_std))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x.float() * self.input_std + self.input_mean)
+
+
+BACKBONES = ("auto", "cnn", *RESNETS, "diti_encoder", "timm:<model name>")
+
+
+def build_featurizer(input_shape: tuple[int, ...], hparams: dict) -> nn.Module:
+    """``backbone``: auto (small CNN below 64 px, else ResNet-50), cnn, resnet18, resnet50 (torchvision,
+    DomainBed's), diti_encoder (DiTi's encoder architecture, from scratch) or timm:<model name>.
+    ``timm:`` and ``diti_encoder`` take options after a ``?``: timm.create_model's keyword arguments
+    (``timm:vit_tiny_patch16_224?img_size=32&depth=2``), the encoder's ``width`` and ``z_dim``."""
+    backbone, options = backbone_options(hparams.get("backbone", "auto"))
     if backbone == "auto":
         backbone = "cnn" if input_shape[-1] < 64 else "resnet50"
+    if options and not (backbone.startswith(TIMM_PREFIX) or backbone == "diti_encoder"):
+        raise DfbenchError(f"backbone {backbone!r} takes no ?options (only timm:<name> and diti_encoder do)")
     if backbone == "cnn":
         return SmallCNN(input_shape[0], hparams.get("cnn_width", 128))
     if backbone in RESNETS:
         return ResNetFeaturizer(backbone, hparams.get("pretrained", "imagenet"), hparams.get("freeze_bn", True), input_shape[0])
-    raise DfbenchError(f"unknown backbone {backbone!r}. Choices: auto, cnn, {', '.join(RESNETS)}")
+    if backbone == "diti_encoder":
+        unknown = sorted(set(options) - {"width", "z_dim"})
+        if unknown:
+            raise DfbenchError(f"diti_encoder takes the options width and z_dim, got {', '.join(unknown)}")
+        width = options.get("width", hparams.get("diti_encoder_width", 32))
+        z_dim = options.get("z_dim", hparams.get("diti_z_dim", 512))
+        return DiTiEncoderFeaturizer(input_shape, int(width), int(z_dim))
+    if backbone.startswith(TIMM_PREFIX) and len(backbone) > len(TIMM_PREFIX):
+        from domainfusion_bench.networks.timm_backbones import TimmFeaturizer
+
+        return TimmFeaturizer(backbone[len(TIMM_PREFIX):], hparams.get("pretrained", "imagenet"), tuple(input_shape), options)
+    raise DfbenchError(f"unknown backbone {backbone!r}. Choices: {', '.join(BACKBONES)}")

@@ -73,6 +73,10 @@ class TrainArgs:
     plugins: list[str] = field(default_factory=list)
     eval_augment: bool = False  # DomainBed: training domains' validation splits use the training transform
     no_image_store: bool = False  # folder datasets through DomainBed's per-image PIL pipeline, never the store
+    task: str = "domain_generalization"  # DomainBed: domain_generalization | domain_adaptation
+    uda_holdout_fraction: float = 0.0  # DomainBed: share of each held-out in-split given unlabelled to update
+    save_model_every_checkpoint: bool = False  # DomainBed: also a model file per checkpoint (model_step{step}.pkl)
+    log_with: str | None = None  # experiment trackers (accelerate's): tensorboard, wandb, mlflow, aim, comma-separated
 
 
 def resolve_hparams(args: TrainArgs) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import torch
 
 from domainfusion_bench.data import MultiDomainDataset, get_dataset
 from domainfusion_bench.data.loaders import SplitDataset
-from domainfusion_bench.protocol import split_indices
+from domainfusion_bench.protocol import seed_hash, split_indices
 from domainfusion_bench.training.args import Speed, TrainArgs
 from domainfusion_bench.training.runtime import Runtime
 
@@ -29,9 +29,15 @@ def make_splits(dataset: MultiDomainDataset, args: TrainArgs, hparams: dict[str,
     # a store crops from its larger copy (the detail of the original), and evaluates on the resized one
     crop_envs = getattr(dataset, "crop_envs", None) if getattr(dataset, "stored", False) and augment else None
     train, splits, index_record = [], {}, {}
+    uda_fraction = getattr(args, "uda_holdout_fraction", 0.0)
     for i, env in enumerate(dataset.envs):
         out_idx, in_idx = split_indices(len(env), args.trial_seed, i, args.holdout_fraction)
         train_env = crop_envs[i] if crop_envs else env
+        uda_idx = None
+        if uda_fraction > 0 and i in args.test_envs:
+            # DomainBed: the held-out in-split split again, with the same seed, into (uda, in)
+            uda_pos, in_pos = split_indices(len(in_idx), args.trial_seed, i, uda_fraction)
+            uda_idx, in_idx = [in_idx[k] for k in uda_pos], [in_idx[k] for k in in_pos]
         if i not in args.test_envs:
             train.append(SplitDataset(train_env, in_idx, train_tf, train_btf))
         augmented = eval_augment and i not in args.test_envs
@@ -39,7 +45,23 @@ def make_splits(dataset: MultiDomainDataset, args: TrainArgs, hparams: dict[str,
         splits[f"env{i}_in"] = SplitDataset(src, in_idx, tf, btf)
         splits[f"env{i}_out"] = SplitDataset(src, out_idx, tf, btf)
         index_record[f"env{i}"] = {"domain": dataset.domains[i], "in": in_idx, "out": out_idx}
+        if uda_idx is not None:  # unlabelled held-out images for --task domain_adaptation; never scored
+            splits[f"env{i}_uda"] = SplitDataset(env, uda_idx, eval_tf, eval_btf)
+            index_record[f"env{i}"]["uda"] = uda_idx
     return train, splits, index_record
+
+
+def uda_batches(splits: dict[str, SplitDataset], args: TrainArgs, hparams: dict[str, Any], runtime: Runtime,
+                start_step: int):
+    """For ``--task domain_adaptation``: a stream of one unlabelled minibatch per held-out domain (its UDA
+    split, DomainBed's ``uda_minibatches_iterator``), the same at a step whether resumed or not; else None."""
+    if getattr(args, "task", "domain_generalization") != "domain_adaptation":
+        return None
+    from domainfusion_bench.data.loaders import training_batches
+
+    uda = [splits[f"env{i}_uda"] for i in args.test_envs]
+    return training_batches(uda, hparams["batch_size"], seed_hash(args.seed, "uda"), start_step,
+                            rank=runtime.rank, world=runtime.world, device=runtime.device)
 
 
 def load_data(args: TrainArgs, speed: Speed, dataset: MultiDomainDataset | None = None, workers: int = 0) -> MultiDomainDataset:
@@ -59,7 +81,8 @@ def load_data(args: TrainArgs, speed: Speed, dataset: MultiDomainDataset | None 
     else:
         if not dataset.stored:
             started = time.perf_counter()
-            path = store(cache, num_workers=workers)
+            with torch.random.fork_rng(devices=[]):  # its DataLoader draws a seed: the run's init must not depend on it
+                path = store(cache, num_workers=workers)
             print(f"image store: {path} ({dataset.store_bytes(cache) / 2**30:.2f} GiB, "
                   f"{time.perf_counter() - started:.1f} s)")
         dataset.store_protocol = {"used": True, "crop_copy_px": dataset.crop_size, "resolution": dataset.resolution,

@@ -14,7 +14,7 @@ import torch
 from domainfusion_bench import runfiles
 from domainfusion_bench.data.loaders import training_batches
 from domainfusion_bench.training.args import Speed, TrainArgs
-from domainfusion_bench.training.data_setup import data_to_device, model_input
+from domainfusion_bench.training.data_setup import data_to_device, model_input, uda_batches
 from domainfusion_bench.training.evaluation import accuracy, splits_to_evaluate
 from domainfusion_bench.training.resume import resume, resume_state
 from domainfusion_bench.training.runtime import Runtime
@@ -39,6 +39,7 @@ def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: 
                                 device=runtime.device, per_domain_loaders=run.speed.per_domain_loaders)
 
     batches = batches_from(run.start_step)
+    run.uda_batches = uda_batches(run.splits, args, hparams, runtime, run.start_step)
     eval_names = splits_to_evaluate(len(run.dataset.envs), args.test_envs, args.eval_splits)
     sums, timing = _new_window()
     run_start = time.perf_counter()
@@ -62,8 +63,11 @@ def _step(run: Run, step: int, batches: Iterator, sums: dict[str, torch.Tensor],
     minibatches = [(model_input(x, runtime, run.speed.channels_last), y.to(runtime.device, non_blocking=True))
                    for x, y in next(batches)]
     t1 = time.perf_counter()
+    extra = {}
+    if run.uda_batches is not None:  # --task domain_adaptation: the held-out domains' unlabelled images
+        extra["unlabeled"] = [model_input(x, runtime, run.speed.channels_last) for x, _ in next(run.uda_batches)]
     with runtime.accelerator.autocast():
-        terms = run.algorithm.update(minibatches)
+        terms = run.algorithm.update(minibatches, **extra)
     for name, value in terms.items():
         sums[name] = sums.get(name, 0.0) + torch.as_tensor(value, dtype=torch.float32).detach()
     if runtime.cuda and (step + 1) % 50 == 0:
@@ -104,6 +108,9 @@ def _checkpoint(run: Run, step: int, sums: dict[str, torch.Tensor], timing: dict
         record["diverged_at"] = run.diverged_at
     if runtime.is_main:
         runfiles.append_record(run.run_dir, record)
+        run.trackers.log(record)
+        if args.save_model_every_checkpoint:  # DomainBed's model_step{step}.pkl
+            save_model(run, run.run_dir / f"model_step{step}.pkl")
         accs = " ".join(f"{k[:-4]}={v:.3f}" for k, v in record.items() if k.endswith("_acc"))
         print(f"step {step:5d}  loss {losses.get('loss', float('nan')):.4f}  {accs}  "
               f"{record['images_per_s']:.0f} img/s")
@@ -111,15 +118,21 @@ def _checkpoint(run: Run, step: int, sums: dict[str, torch.Tensor], timing: dict
         runfiles.heartbeat(run.run_dir)
 
 
+def save_model(run: Run, path: Path) -> None:
+    """DomainBed's model file: the arguments, the shapes and the algorithm's state dict."""
+    dataset = run.dataset
+    torch.save({"args": run.record_args, "model_input_shape": dataset.input_shape,
+                "model_num_classes": dataset.num_classes, "model_num_domains": len(run.context.train_envs),
+                "model_hparams": run.hparams, "model_dict": run.algorithm.state_dict()}, path)
+
+
 def _finish(run: Run) -> None:
     """The model (unless ``skip_model_save``), then ``done``; the resume point is no longer needed."""
-    runtime, run_dir, dataset = run.runtime, run.run_dir, run.dataset
+    runtime, run_dir = run.runtime, run.run_dir
     runtime.accelerator.wait_for_everyone()
     if runtime.is_main:
         if not run.args.skip_model_save:
-            torch.save({"args": run.record_args, "model_input_shape": dataset.input_shape,
-                        "model_num_classes": dataset.num_classes, "model_num_domains": len(run.context.train_envs),
-                        "model_hparams": run.hparams, "model_dict": run.algorithm.state_dict()},
-                       run_dir / runfiles.MODEL)
+            save_model(run, run_dir / runfiles.MODEL)
+        run.trackers.end()
         runfiles.atomic_write_text(run_dir / runfiles.DONE, "done\n")
         (run_dir / runfiles.RESUME).unlink(missing_ok=True)

@@ -10,6 +10,7 @@ import torch
 from domainfusion_bench.algorithms import Algorithm
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.training.args import TrainArgs
+from domainfusion_bench.training.logs import tracker_names
 
 
 BUCKET_BYTES = 25 * 2**20  # gradients per all-reduce (DDP's default bucket_cap_mb)
@@ -54,7 +55,9 @@ class Runtime:
         if args.device.startswith("cuda:") and "LOCAL_RANK" not in os.environ:
             torch.cuda.set_device(int(args.device.split(":")[1]))
         bf16 = args.precision == "bf16" or (args.precision == "auto" and not want_cpu and torch.cuda.is_bf16_supported())
-        self.accelerator = Accelerator(cpu=want_cpu, mixed_precision="bf16" if bf16 else "no")
+        trackers = tracker_names(getattr(args, "log_with", None))  # --log_with: files under the run dir
+        self.accelerator = Accelerator(cpu=want_cpu, mixed_precision="bf16" if bf16 else "no",
+                                       log_with=trackers or None, project_dir=args.output_dir if trackers else None)
         self.device = self.accelerator.device
         self.cuda = self.device.type == "cuda"
         self.rank = self.accelerator.process_index

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import random
 from dataclasses import dataclass
@@ -17,9 +18,11 @@ from domainfusion_bench.algorithms import ALGORITHMS, Algorithm
 from domainfusion_bench.costs import CostMeter, MetricMeter
 from domainfusion_bench.data import MultiDomainDataset
 from domainfusion_bench.data.loaders import SplitDataset
+from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.training.args import Speed, TrainArgs, default_workers
 from domainfusion_bench.training.context import TrainingContext
 from domainfusion_bench.training.data_setup import data_to_device, load_data, make_splits
+from domainfusion_bench.training.logs import Trackers
 from domainfusion_bench.training.runtime import Runtime
 
 
@@ -44,6 +47,8 @@ class Run:
     start_step: int = 0
     elapsed_before: float = 0.0
     diverged_at: int | None = None
+    trackers: Trackers | None = None  # --log_with
+    uda_batches: Any = None  # --task domain_adaptation: the unlabelled held-out minibatches (the loop sets it)
 
 
 def start_run(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: Path,
@@ -62,7 +67,7 @@ def start_run(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_di
     train_envs = [i for i in range(len(dataset.envs)) if i not in args.test_envs]
     train_splits, splits, index_record = make_splits(dataset, args, hparams, speed.eval_augment or args.eval_augment)
     record_args = {**dataclasses.asdict(args), "protocol": protocol_settings(runtime, speed, args, dataset)}
-    track = ALGORITHMS.get(args.algorithm).TRACK
+    track = uda_track(ALGORITHMS.get(args.algorithm).TRACK, args)
     if track != "DG":  # labelled in every table (collect reads it from the args)
         record_args["track"] = track
     if runtime.is_main:
@@ -70,6 +75,10 @@ def start_run(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_di
         print(f"{args.algorithm} on {dataset.name}, test envs {args.test_envs}, {steps} steps, hparams {hparams}")
 
     algorithm = ALGORITHMS.get(args.algorithm)(dataset.input_shape, dataset.num_classes, len(train_envs), hparams)
+    if args.task == "domain_adaptation":
+        check_takes_unlabeled(algorithm)
+    if hasattr(getattr(algorithm, "featurizer", None), "describe"):  # e.g. a timm model's weights and data config
+        record_args["protocol"]["featurizer"] = algorithm.featurizer.describe()
     costs, metrics = CostMeter(), MetricMeter()
     batch_size = hparams["batch_size"]
     context = TrainingContext(
@@ -80,8 +89,27 @@ def start_run(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_di
     train_splits = set_up(algorithm, context, list(splits.values()), runtime, speed)
     if runtime.is_main and context.previews:
         write_previews(run_dir, context.previews)
+    trackers = Trackers(runtime.accelerator, run_dir, args, hparams, runtime.is_main)
     return Run(args, hparams, runtime, run_dir, speed, workers, dataset, steps, freq, splits, record_args, algorithm,
-               context, train_splits)
+               context, train_splits, trackers=trackers)
+
+
+def uda_track(track: str, args: TrainArgs) -> str:
+    """The tables' label: a domain-adaptation run (unlabelled held-out images) is not a DG result, and a DG
+    run with a UDA split set aside is scored on a smaller held-out in-split."""
+    if args.uda_holdout_fraction <= 0:
+        return track
+    share = f"{args.uda_holdout_fraction:g} of the held-out in-split"
+    label = f"UDA, {share} unlabelled" if args.task == "domain_adaptation" else f"{share} held back for UDA"
+    return label if track == "DG" else f"{track}; {label}"
+
+
+def check_takes_unlabeled(algorithm: Algorithm) -> None:
+    if "unlabeled" not in inspect.signature(algorithm.update).parameters:
+        raise DfbenchError(
+            f"--task domain_adaptation gives update(minibatches, unlabeled=...) the held-out domains' unlabelled "
+            f"images, but {type(algorithm).__name__}.update takes no `unlabeled` argument. Add one "
+            "(`def update(self, minibatches, unlabeled=None)`), or run --task domain_generalization.")
 
 
 def protocol_settings(runtime: Runtime, speed: Speed, args: TrainArgs, dataset: MultiDomainDataset) -> dict[str, Any]:
@@ -104,6 +132,9 @@ def set_up(algorithm: Algorithm, context: TrainingContext, eval_splits: Sequence
     generates here, on that device and in the run's precision), put the data on the device and build the
     optimizers. Under DDP the main process prepares first; the others then find its work in the caches.
     Returns the splits it trains on."""
+    featurizer = getattr(algorithm, "featurizer", None)
+    if hasattr(featurizer, "set_input_normalization"):  # featurizers that read [0, 1] images or their own statistics
+        featurizer.set_input_normalization(getattr(context.dataset, "NORMALIZATION", None))
     algorithm.to(runtime.device)
     with runtime.accelerator.main_process_first():
         replaced = algorithm.prepare(context)

@@ -251,13 +251,11 @@ def test_cdga_og_records_invalid_rates_per_round_and_costs(digit_runs):
     assert guided["cost_og_round_classifier_train_seconds"] > 0
 
 
-class _ConstantClassifier(torch.nn.Module):
-    """C(x_t, t) = sigmoid(b): what training learns is the loss's pointwise optimum alone."""
-
-    time_conditioned = True
+class _ConstantClassifier(ValidityClassifier):
+    """C(x_t, t) = sigmoid(b + prior): what training learns is the loss's pointwise optimum alone."""
 
     def __init__(self):
-        super().__init__()
+        super().__init__(0, True, 1000, 8)
         self.b = torch.nn.Parameter(torch.zeros(()))
 
     def forward(self, x_t, t, y=None):
@@ -278,4 +276,39 @@ def test_alpha_reaches_the_classifiers_loss(valid_share):
         info = train_validity_classifier(c, x0, valid, None, abar, ClassifierTrainConfig(
             **{**config.to_json(), "prior_weighting": prior_weighting}))
         assert info["alpha"] == pytest.approx(valid_share)
-        assert torch.sigmoid(c.b).item() == pytest.approx(expected, abs=0.02), (prior_weighting, info)
+        assert c.log_prob(x0[:1], 0).exp().item() == pytest.approx(expected, abs=0.02), (prior_weighting, info)
+
+
+def test_counterfactual_pairs_judge_every_class_of_every_image():
+    """N images x K classes, each pair judged by the oracle for that class (not the image's intended one)."""
+    from domainfusion_bench.diffusion.oracle_guidance.rounds import counterfactual_pairs
+
+    true = torch.tensor([2, 0, 1])
+    images = true.float().view(3, 1, 1, 1).expand(3, 1, 2, 2).clone()  # an image "shows" its value
+
+    def oracle(x, y):
+        return x.flatten(1)[:, 0].long() == y
+
+    x0, classes, valid = counterfactual_pairs(images, images * 10, torch.tensor([2, 2, 2]), oracle, 3)
+    assert len(x0) == len(classes) == len(valid) == 9
+    assert int(valid.sum()) == 3  # one valid class per image, whatever the intended label said
+    for i in range(9):
+        assert bool(valid[i]) == (int(x0[i].flatten()[0] / 10) == int(classes[i]))
+
+
+def test_a_warm_started_classifier_is_the_oracle_at_every_t_before_training():
+    """Zero-initialised time embeddings and the oracle's head: C's class logits equal the oracle's on clean
+    [0, 1] images fed as [-1, 1] (the pixel denoiser's space), at any t; the extra "no class" logit is 0."""
+    from domainfusion_bench.algorithms.validity import OracleNet
+    from domainfusion_bench.diffusion.oracle_guidance import WarmStartValidityClassifier
+
+    torch.manual_seed(0)
+    net = OracleNet(3, 4, width=8).eval()
+    c = WarmStartValidityClassifier(net.body, net.head, 4, num_train_timesteps=1000).eval()
+    assert len(c.embs) == 5  # one time embedding per conv stage
+    x = torch.rand(5, 3, 16, 16)
+    want = net(x)
+    for t in (0, 500, 999):
+        got = torch.stack([c(x * 2 - 1, torch.full((5,), t), torch.full((5,), k)) for k in range(4)], 1)
+        assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(c(x * 2 - 1, 0, None), torch.zeros(5))

@@ -34,6 +34,7 @@ generation and any other generative method.
 
 from domainfusion_bench.diffusion.oracle_guidance.classifiers import (
     ImageValidityClassifier,
+    WarmStartValidityClassifier,
     PointValidityClassifier,
     ValidityClassifier,
     timestep_embedding,
@@ -67,7 +68,7 @@ from domainfusion_bench.diffusion.oracle_guidance.training import (
 )
 
 __all__ = [
-    "ImageValidityClassifier", "PointValidityClassifier", "ValidityClassifier", "timestep_embedding",
+    "ImageValidityClassifier", "WarmStartValidityClassifier", "PointValidityClassifier", "ValidityClassifier", "timestep_embedding",
     "DistillConfig", "distill_stack", "ValidityGuidance", "stack_terms", "ClassifierOracle", "Oracle",
     "check_threshold", "invalid_rate", "Cached", "Draw", "OracleGuidanceResult", "RoundRecord", "run_rounds",
     "ClassifierTrainConfig", "noised", "prior_weighted_bce", "train_validity_classifier",

@@ -59,12 +59,25 @@ def _uncached(kind, index, build, train):
     return module, train(module)
 
 
+def counterfactual_pairs(images: torch.Tensor, x0: torch.Tensor, labels: torch.Tensor, oracle: Oracle,
+                         num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every drawn image paired with every class y, each pair judged by the oracle: (x0, y, O(x, y)).
+
+    A class-conditional oracle answers for any intended class, so one draw of N images gives N x K
+    labelled pairs: the pairs with another class are (mostly) invalid ones, which a draw that is 97%
+    valid cannot supply (5 invalid images in 256 leave C at the prior, with no gradient to guide by)."""
+    n = len(images)
+    classes = torch.arange(num_classes).repeat_interleave(n)
+    valid = torch.as_tensor(oracle(images.repeat(num_classes, *[1] * (images.dim() - 1)), classes), dtype=torch.bool)
+    return x0.repeat(num_classes, *[1] * (x0.dim() - 1)), classes, valid.cpu()
+
+
 def run_rounds(draw: Draw, oracle: Oracle, encode: Callable[[torch.Tensor], torch.Tensor],
                new_classifier: Callable[[int], ValidityClassifier], rounds: int, weight: float = 1.0, *,
                alphas_cumprod: torch.Tensor, train_config: ClassifierTrainConfig = ClassifierTrainConfig(),
                distill: bool = False, distill_config: DistillConfig = DistillConfig(), measure_last: bool = True,
                cached: Cached = _uncached, heartbeat: Callable[[], None] | None = None,
-               name: str = "og") -> OracleGuidanceResult:
+               name: str = "og", counterfactual: bool = False) -> OracleGuidanceResult:
     """Rounds of oracle-assisted guidance around any sampler.
 
     ``draw(terms, name) -> (images, labels)`` samples with the guidance ``terms``; ``oracle(images,
@@ -80,13 +93,17 @@ def run_rounds(draw: Draw, oracle: Oracle, encode: Callable[[torch.Tensor], torc
     Each trained network goes through ``cached(kind, k, build, train)`` ("round" or "distilled"): the draw
     happens inside ``train``, so a cached network costs no sampling, and its ``info`` carries the
     measurements (``n_samples``/``n_invalid`` per measured name) that make the records.
+
+    ``counterfactual`` (class-conditional classifiers only): train and distil on every (image, class) pair
+    the oracle judged (``counterfactual_pairs``), with alpha still the draw's own valid fraction; the
+    records always count the draw's intended classes.
     """
     if rounds < 0:
         raise DfbenchError(f"oracle guidance rounds must be >= 0, got {rounds}")
     classifiers: list[ValidityClassifier] = []
     records: list[RoundRecord] = []
     infos: list[dict[str, Any]] = []
-    pool: dict[str, torch.Tensor] = {}  # label -> (encoded draw, labels), only what was drawn in this call
+    pool: dict[str, tuple] = {}  # label -> (encoded draw, labels, images), only what was drawn in this call
     drawn = 0
 
     def measure(terms, label) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,8 +113,14 @@ def run_rounds(draw: Draw, oracle: Oracle, encode: Callable[[torch.Tensor], torc
         drawn += len(images)
         x0 = encode(images).detach().float().cpu()
         labels = torch.as_tensor(labels, dtype=torch.long).cpu()
-        pool[label] = (x0, labels)
+        pool[label] = (x0, labels, images)
         return x0, labels, valid
+
+    def training_set(label, x0, labels, valid, num_classes):
+        """What a classifier learns from: the draw, or all its (image, class) pairs (``counterfactual``)."""
+        if not (counterfactual and num_classes):
+            return x0, labels, valid
+        return counterfactual_pairs(pool[label][2], x0, labels, oracle, num_classes)
 
     def counts(label, valid) -> dict[str, Any]:
         return {"measured": {label: {"n_samples": len(valid), "n_invalid": int((~valid).sum())}}}
@@ -117,8 +140,11 @@ def run_rounds(draw: Draw, oracle: Oracle, encode: Callable[[torch.Tensor], torc
                 # nothing to learn: all valid (nothing left to fix) or none valid (no direction)
                 return {**info, "skipped": "all valid" if valid.all() else "none valid"}
             cfg = ClassifierTrainConfig(**{**train_config.to_json(), "seed": train_config.seed + k})
-            return {**info, **train_validity_classifier(c, x0, valid, labels if c.num_classes else None,
-                                                        alphas_cumprod, cfg, heartbeat=heartbeat)}
+            alpha = float(valid.float().mean())  # the sampler's valid fraction, whatever the pairs are
+            tx, ty, tv = training_set(label, x0, labels, valid, c.num_classes)
+            return {**info, **train_validity_classifier(c, tx, tv, ty if c.num_classes else None,
+                                                        alphas_cumprod, cfg, alpha=alpha, heartbeat=heartbeat),
+                    "n_pairs": len(tv), "n_invalid_pairs": int((~tv).sum())}
 
         c, info = cached("round", k, lambda k=k: new_classifier(k), train_round)
         infos.append(info)
@@ -135,8 +161,9 @@ def run_rounds(draw: Draw, oracle: Oracle, encode: Callable[[torch.Tensor], torc
             info = counts(last, valid)
             if "base" not in pool:  # round 1 came from a cache: draw the unguided samples again
                 measure([], "base")
-            x0 = torch.cat([pool["base"][0], x_last])
-            y = torch.cat([pool["base"][1], y_last]) if student.num_classes else None
+            parts = [training_set(lab, pool[lab][0], pool[lab][1], None, student.num_classes) for lab in ("base", last)]
+            x0 = torch.cat([p[0] for p in parts])
+            y = torch.cat([p[1] for p in parts]) if student.num_classes else None
             info.update(distill_stack(student, classifiers, x0, y, alphas_cumprod, distill_config, heartbeat))
             _, _, valid_d = measure([ValidityGuidance(student, weight, f"{name}-distilled")], "distilled")
             info["measured"].update(counts("distilled", valid_d)["measured"])

@@ -3,12 +3,14 @@ and DiTi runs (probe / finetune / subset) on DigitStyles with their pre-training
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from domainfusion_bench import runfiles
+from domainfusion_bench.costs import CostMeter
 from domainfusion_bench.algorithms.diti import parse_blocks, probe_report, split_images, z_slice
 from domainfusion_bench.data import get_dataset
 from domainfusion_bench.diffusion import diti
@@ -171,6 +173,11 @@ def test_diti_runs_in_each_mode_record_the_pretraining_cost(diti_runs):
         enc = {k[len("featurizer.encoder."):]: v for k, v in model.items() if k.startswith("featurizer.encoder.")}
         same = all(torch.equal(enc[k], encoder_file[k]) for k in encoder_file)
         assert same == (mode != "finetune")  # probe and subset keep z frozen; finetune trains the encoder
+    # finetune: one frozen-DDPM call per image of the DiTi loss, 3 steps x 3 domains x 8 images (pre-training is
+    # the cached encoder's cost); probe and subset call it never
+    finetuned = read(runs["finetune"])[-1]
+    assert finetuned["cost_diti_frozen_nfe"] == finetuned["cost_nfe"] == 3 * 3 * FAST["batch_size"]
+    assert "cost_nfe" not in read(runs["probe"])[-1] and "cost_diti_frozen_nfe" not in read(runs["subset"])[-1]
     assert "diti_loss" in read(runs["finetune"])[-1] and any(k.startswith("branch.") for k in
                                                              torch.load(runs["finetune"] / runfiles.MODEL, weights_only=False)["model_dict"])
     probed = read(runs["subset"])[-1]
@@ -199,16 +206,21 @@ def test_finetune_diti_loss_reads_an_even_stride_of_the_minibatch():
     seen = []
 
     class Recorder:
+        nfe = 0
+
         def loss(self, encoder, branch, x):
             seen.append(x.clone())
+            self.nfe += len(x)  # one frozen-model call per image, as DiTiObjective counts them
             return torch.zeros((), requires_grad=True), 0.0
 
     algo.objective = Recorder()
+    algo._context = SimpleNamespace(costs=CostMeter())
     x = torch.arange(12.0).view(12, 1, 1, 1).expand(12, 3, 32, 32)  # 3 domains x 4 images, tagged by value
     minibatches = [(x[4 * d:4 * d + 4], torch.zeros(4, dtype=torch.long)) for d in range(3)]
     algo.loss(minibatches)
     tags = algo.featurizer.unit(x)[:, 0, 0, 0]
     assert torch.equal(seen[-1][:, 0, 0, 0], tags[::3])  # 4 of 12: images 0, 3, 6, 9 -> every domain is in it
+    assert algo._context.costs.totals == {"nfe": 4, "diti_frozen_nfe": 4}  # charged as the images it read
     algo.hparams["diti_finetune_batch"] = 0
     algo.loss(minibatches)
-    assert len(seen[-1]) == 12
+    assert len(seen[-1]) == 12 and algo._context.costs.totals["diti_frozen_nfe"] == 16

@@ -276,9 +276,23 @@ class DiTi(GenerativeAlgorithm):
         feat = self.featurizer
         n = self.hparams["diti_finetune_batch"]
         sub = x[::-(-len(x) // n)] if 0 < n < len(x) else x
+        before = self.objective.nfe
         diti, frozen = self.objective.loss(feat.encoder, self.branch, feat.unit(sub))
+        self.charge_frozen_calls(self.objective.nfe - before)
         return ce + self.hparams["diti_lambda"] * diti, {"ce": ce.detach(), "diti_loss": diti.detach(),
                                                           "diti_frozen_loss": frozen}
+
+    def charge_frozen_calls(self, n: int) -> None:
+        """Finetuning queries the frozen DDPM once per image its DiTi loss reads: NFEs like a sampler's, recorded
+        in ``cost_nfe`` and on their own as ``cost_diti_frozen_nfe``. Counted for every rank (only the main
+        process writes records)."""
+        context = getattr(self, "_context", None)
+        if context is None or n == 0:
+            return
+        dist = torch.distributed
+        n *= dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        context.costs.add("nfe", n)
+        context.costs.add("diti_frozen_nfe", n)
 
 
 @torch.no_grad()

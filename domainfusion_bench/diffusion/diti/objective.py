@@ -67,6 +67,7 @@ class DiTiObjective(nn.Module):
         self.register_buffer("new", new, persistent=False)
         self.register_buffer("shift", shift_coefficient(abar), persistent=False)
         self.register_buffer("weight", loss_weight(abar, config.snr_gamma), persistent=False)
+        self.nfe = 0  # frozen-denoiser calls so far, one per image (a caller charges them as NFEs)
 
     @property
     def num_timesteps(self) -> int:
@@ -77,6 +78,7 @@ class DiTiObjective(nn.Module):
 
     @torch.no_grad()
     def frozen_eps(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.nfe += len(z_t)
         return self.frozen.eps(z_t, t, self.null_condition(len(z_t))).float()
 
     def eps_hat(self, branch: nn.Module, z_t: torch.Tensor, t: torch.Tensor, z_masked: torch.Tensor,

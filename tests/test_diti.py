@@ -64,7 +64,7 @@ def test_shift_coefficient_and_loss_weight_by_hand():
     assert c[2].item() == pytest.approx(-math.sqrt(0.7) * (1 - 0.72) / math.sqrt(1 - 0.504), rel=1e-6)
     snr = 0.72 / 0.28
     assert w[1].item() == pytest.approx(snr**0.1 / (1 + snr), rel=1e-6)
-    # the linear schedule the reference and our pixel DDPM use (1e-4 .. 0.02 over 1000 steps)
+    # the reference's linear schedule (1e-4 .. 0.02 over 1000 steps; our pixel DDPM's is cosine, see the stage edges)
     from diffusers import DDPMScheduler
 
     beta = [1e-4 + (0.02 - 1e-4) * t / 999 for t in range(1000)]
@@ -79,6 +79,29 @@ def test_shift_coefficient_and_loss_weight_by_hand():
         snr = ab[t + 1] / (1 - ab[t + 1])
         assert diti.shift_coefficient(table)[t].item() == pytest.approx(expect_c, rel=1e-5)
         assert diti.loss_weight(table)[t].item() == pytest.approx(snr**0.1 / (1 + snr), rel=1e-5)
+
+
+def test_stage_edges_match_the_reference_alpha_bar():
+    """Each reference edge t moves to the first t of our schedule whose abar is at or below the reference's
+    abar_t: the identity on the reference's own linear schedule, (104, 203, 564, 818, 1000) on the cosine one."""
+    from diffusers import DDPMScheduler
+
+    reference = diti.reference_alphas_cumprod()
+    assert torch.allclose(DDPMScheduler(num_train_timesteps=1000).alphas_cumprod.double(), reference, atol=1e-6)
+    assert diti.stage_edges(reference) == list(diti.STAGES)
+    cosine = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod.double()
+    edges = diti.stage_edges(cosine)
+    assert edges == [104, 203, 564, 818, 1000]
+    for ours, ref in zip(edges[:-1], diti.STAGES):
+        assert cosine[ours] <= reference[ref] < cosine[ours - 1]
+    assert tiny_backbone().alphas_cumprod.double().allclose(cosine, atol=1e-6)  # our pixel DDPM's schedule
+    objective = diti.DiTiObjective(tiny_backbone(), diti.DiTiConfig())
+    # the stage allocation on those edges: 7 / 6 / 24 / 16 / 11 blocks of 64 share 10 / 25 / 327 / 100 / 50 dims
+    ends = diti.block_end_dims(1000, 64, 512, stages=edges)
+    assert objective.stage_edges == edges and objective.end_dims == ends
+    assert [ends[b] for b in (6, 12, 36, 52, 63)] == [10, 35, 362, 462, 512] and ends[7] - ends[6] == 25 // 6
+    with pytest.raises(DfbenchError, match="reference time steps"):
+        diti.stage_edges(cosine, (50, 100, 1200))
 
 
 def tiny_backbone(resolution=16, channels=1, seed=0):
@@ -119,8 +142,13 @@ def test_bad_settings_are_clear_errors():
             parse_blocks(bad, 64)
     with pytest.raises(DfbenchError, match="grad_mode"):
         diti.DiTiConfig(grad_mode="sometimes")
-    hp = {"diti_mode": "subset", "diti_blocks": "32-63", "diti_z_dim": 512, "diti_k": 64, "diti_allocation": "stages"}
-    assert z_slice(hp) == (462, 512)
+    hp = {"diti_mode": "subset", "diti_blocks": "stage:4", "diti_z_dim": 512, "diti_k": 64, "diti_allocation": "stages",
+          "diffusion_backbone": "pixel_ddpm"}
+    assert z_slice(hp) == (462, 512) == z_slice({**hp, "diti_blocks": "53-63"})  # cosine: stage 4 is t >= 818
+    assert z_slice({**hp, "diti_blocks": "32-63"}, diti.reference_alphas_cumprod()) == (462, 512)  # linear: t >= 500
+    assert z_slice({**hp, "diti_blocks": "32-63"})[0] < 462
+    with pytest.raises(DfbenchError, match="stage:0 .. stage:4"):
+        z_slice({**hp, "diti_blocks": "stage:5"})
     with pytest.raises(DfbenchError, match="diti_mode"):
         z_slice({**hp, "diti_mode": "linear"})
 
@@ -184,7 +212,8 @@ def test_diti_runs_in_each_mode_record_the_pretraining_cost(diti_runs):
     assert 0 <= probed["metric_diti_class_acc_t500_1000"] <= 1 and 0 <= probed["metric_diti_domain_acc_all"] <= 1
     assert "metric_diti_class_acc_all" not in read(runs["probe"])[-1]
     subset = torch.load(runs["subset"] / runfiles.MODEL, weights_only=False)["model_dict"]
-    assert subset["classifier.weight"].shape[1] == 64 - diti.block_end_dims(1000, 64, 64)[31]
+    hp = read(runs["subset"])[-1]["hparams"]
+    assert subset["classifier.weight"].shape[1] == 64 - z_slice(hp)[0] and hp["diti_blocks"] == "stage:4"
 
 
 def test_probe_report_reuses_the_encoder_and_scores_every_slice(diti_runs, tmp_path):
@@ -192,7 +221,9 @@ def test_probe_report_reuses_the_encoder_and_scores_every_slice(diti_runs, tmp_p
     out = tmp_path / "probe.json"
     rows = probe_report("DigitStyles", str(root / "data"), [0], hparams_json=json.dumps(FAST), json_out=out)
     assert len(list((root / "data" / ".dfbench_cache" / "models" / "diti_encoder").glob("*/meta.json"))) == 1
-    assert [r["slice"] for r in rows][:5] == ["t 0-50", "t 50-100", "t 100-300", "t 300-500", "t 500-1000"]
+    # the reference's stages, moved onto the pixel DDPM's cosine schedule by alpha-bar
+    assert [r["slice"] for r in rows][:5] == ["t 0-104", "t 104-203", "t 203-564", "t 564-818", "t 818-1000"]
+    assert [r["ref"] for r in rows][:5] == ["0-50", "50-100", "100-300", "300-500", "500-1000"]
     assert rows[-1]["dims"] == "0-64" and all(0 <= r["class_acc"] <= 1 and 0 <= r["domain_acc"] <= 1 for r in rows)
     assert json.loads(out.read_text())["rows"][0]["n_dims"] == rows[0]["n_dims"]
 

@@ -9,12 +9,15 @@ The classifier then reads the encoder's z:
 - ``probe``: z frozen, a linear head trained (the paper's linear-probe protocol);
 - ``finetune``: CE + ``diti_lambda`` * DiTi loss on the same minibatches, encoder and branch trainable,
   the DDPM never updated;
-- ``subset``: z frozen, the head reads only the dims of blocks ``diti_blocks`` ("lo-hi", inclusive; the
-  default 32-63 is the t >= 500 stage: coarse content, which should carry class and not style).
+- ``subset``: z frozen, the head reads only the dims of ``diti_blocks``: blocks "lo-hi" (inclusive) or a
+  stage "stage:N" (its blocks; the default stage:4 is the reference's t >= 500 stage, t >= 818 on our
+  cosine pixel DDPM: coarse content, which should carry class and not style).
 
 Ours: z is standardised with the training in-splits' per-dim mean and std (buffers fixed after
 pre-training) so one learning rate suits any encoder; the frozen DDPM is queried with the null
-condition (DiTi is unsupervised; the shared DDPM learnt it through condition dropout).
+condition (DiTi is unsupervised; the shared DDPM learnt it through condition dropout). The stage edges
+follow the backbone's schedule by alpha-bar (diffusion/diti/schedule.py ``stage_edges``); probe metrics
+are named by the reference's t (``metric_diti_class_acc_t500_1000``: the stage the paper calls t 500-1000).
 ``dfbench diti probe`` answers which slices carry class and which carry domain.
 """
 
@@ -32,19 +35,23 @@ from torch import nn
 from domainfusion_bench.algorithms.base import register_algorithm
 from domainfusion_bench.algorithms.generative import GenerativeAlgorithm
 from domainfusion_bench.diffusion import LeakageGuard, build_backbone
-from domainfusion_bench.diffusion.backbones import BackboneSpec, resize
+from domainfusion_bench.diffusion.backbones import BackboneSpec, PixelDDPMConfig, resize
 from domainfusion_bench.diffusion.diti import (
+    STAGES,
     DiTiConfig,
     DiTiEncoder,
     DiTiObjective,
     ShiftBranch,
     as_unit,
     block_end_dims,
+    block_stages,
     build_model,
     encoder_resolution,
     format_probe_table,
     pretrain_diti,
     probe_slices,
+    reference_alphas_cumprod,
+    stage_edges,
     stage_slices,
 )
 from domainfusion_bench.diffusion.factory import MODELS_SUBDIR
@@ -57,13 +64,21 @@ MODES = ("probe", "finetune", "subset")
 KIND = "diti_encoder"  # in the cached-model store; its cost is recorded as diti_train_seconds
 
 
-def parse_blocks(text: str, k: int) -> tuple[int, int]:
-    """'lo-hi' (inclusive block indices) or 'b' -> (lo, hi)."""
+def parse_blocks(text: str, k: int, stage_of: Sequence[int] | None = None) -> tuple[int, int]:
+    """'lo-hi' (inclusive block indices), 'b', or 'stage:N' (the blocks of stage N, ``stage_of[b]`` each
+    block's stage) -> (lo, hi)."""
+    text = str(text)
+    if text.startswith("stage:") and stage_of is not None:
+        members = [b for b, s in enumerate(stage_of) if str(s) == text[len("stage:"):]]
+        if not members:
+            raise DfbenchError(f"diti_blocks {text!r}: stages are stage:0 .. stage:{max(stage_of)}")
+        return members[0], members[-1]
     try:
-        lo, _, hi = str(text).partition("-")
+        lo, _, hi = text.partition("-")
         lo, hi = int(lo), int(hi or lo)
     except ValueError:
-        raise DfbenchError(f"diti_blocks must be 'lo-hi' block indices such as '32-63', got {text!r}") from None
+        raise DfbenchError(f"diti_blocks must be 'lo-hi' block indices such as '53-63' or a stage such as "
+                           f"'stage:4', got {text!r}") from None
     if not 0 <= lo <= hi < k:
         raise DfbenchError(f"diti_blocks {text!r} must satisfy 0 <= lo <= hi < k = {k}")
     return lo, hi
@@ -76,14 +91,28 @@ def config_from_hparams(hp: dict[str, Any]) -> DiTiConfig:
                       lr=hp["diti_lr"], ema_decay=hp["diti_ema_decay"], seed=hp["diti_seed"])
 
 
-def z_slice(hp: dict[str, Any]) -> tuple[int, int]:
-    """The dims the classifier reads: all of z, or the blocks of ``diti_blocks`` in subset mode."""
+def expected_schedule(hp: dict[str, Any]) -> torch.Tensor:
+    """The alpha-bar table of the run's backbone, before it is built: the pixel DDPM's own; for another
+    backbone the reference's (``generate`` checks the real one where it matters)."""
+    if BackboneSpec.parse(hp["diffusion_backbone"]).kind != "pixel_ddpm":
+        return reference_alphas_cumprod()
+    from diffusers import DDPMScheduler
+
+    config = PixelDDPMConfig()
+    return DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule).alphas_cumprod
+
+
+def z_slice(hp: dict[str, Any], alphas_cumprod: torch.Tensor | None = None) -> tuple[int, int]:
+    """The dims the classifier reads: all of z, or those of ``diti_blocks`` in subset mode (the block ends
+    follow the stage edges of ``alphas_cumprod``, by default ``expected_schedule``)."""
     if hp["diti_mode"] not in MODES:
         raise DfbenchError(f"diti_mode must be one of {', '.join(MODES)}, got {hp['diti_mode']!r}")
     if hp["diti_mode"] != "subset":
         return 0, hp["diti_z_dim"]
-    ends = block_end_dims(1000, hp["diti_k"], hp["diti_z_dim"], hp["diti_allocation"])
-    lo, hi = parse_blocks(hp["diti_blocks"], hp["diti_k"])
+    abar = expected_schedule(hp) if alphas_cumprod is None else alphas_cumprod
+    T, edges = len(abar), stage_edges(abar)
+    ends = block_end_dims(T, hp["diti_k"], hp["diti_z_dim"], hp["diti_allocation"], stages=edges)
+    lo, hi = parse_blocks(hp["diti_blocks"], hp["diti_k"], block_stages(T, hp["diti_k"], edges))
     start, end = (ends[lo - 1] if lo else 0), ends[hi]
     if end <= start:
         raise DfbenchError(f"diti_blocks {hp['diti_blocks']} hold no dims under the {hp['diti_allocation']} allocation")
@@ -163,7 +192,8 @@ def trained_encoder(backbone, dataset, train_envs, test_envs, *, store: ModelSto
 
     entry = store.get_or_train(
         KIND, dataset=dataset, train_envs=train_envs, trial_seed=store_seed, holdout_fraction=holdout_fraction,
-        config={**config.to_json(), "backbone": backbone.key, "encoder_resolution": res, "split": split},
+        config={**config.to_json(), "backbone": backbone.key, "encoder_resolution": res, "split": split,
+                "stage_edges": stage_edges(backbone.alphas_cumprod)},
         build=lambda: build_model(backbone, config, channels, res), train=train,
         guard=LeakageGuard(dataset.name, dataset.domains, test_envs), costs=costs, made_by=made_by, device=device,
         cost_name="diti_train_seconds")
@@ -182,7 +212,7 @@ class DiTi(GenerativeAlgorithm):
     def hparam_space(cls, space, dataset):
         super().hparam_space(space, dataset)
         space.add("diti_mode", "probe")  # probe | finetune | subset
-        space.add("diti_blocks", "32-63")  # subset mode: inclusive block range the head reads
+        space.add("diti_blocks", "stage:4")  # subset mode: the blocks ("lo-hi", inclusive) or stage the head reads
         space.add("diti_lambda", 1.0, lambda r: 10 ** r.uniform(-1, 1))  # finetune: weight of the DiTi loss
         # finetune: images per step the DiTi loss sees (an even stride through the minibatch, so every training
         # domain is in it; 0 = all). Ours: the loss costs a frozen-DDPM and a branch pass per image, 3x the CE's
@@ -204,7 +234,7 @@ class DiTi(GenerativeAlgorithm):
 
     @classmethod
     def build_featurizer(cls, input_shape, hparams):
-        start, end = z_slice(hparams)
+        start, end = z_slice(hparams)  # the expected schedule's; generate checks it against the backbone's
         encoder = DiTiEncoder(int(input_shape[0]), hparams["diti_z_dim"], hparams["diti_encoder_width"],
                               encoder_resolution(input_shape))
         return DiTiFeaturizer(encoder, start, end)
@@ -228,9 +258,11 @@ class DiTi(GenerativeAlgorithm):
                                       trial_seed=args.trial_seed, holdout_fraction=args.holdout_fraction,
                                       config=self.config, device=context.device, costs=context.costs,
                                       made_by=context.made_by, heartbeat=context.heartbeat)
-        if info["end_dims"] != block_end_dims(1000, self.config.k, self.config.z_dim, self.config.allocation):
-            raise DfbenchError(f"DiTi assumes T = 1000 diffusion steps; this backbone has {backbone.num_train_timesteps}")
         feat = self.featurizer
+        if z_slice(hp, backbone.alphas_cumprod) != (feat.start, feat.end):
+            raise DfbenchError(f"DiTi subset mode: diti_blocks {hp['diti_blocks']!r} were read as z[{feat.start}:{feat.end}] "
+                               f"for the pixel DDPM's schedule, but this backbone's schedule puts them elsewhere; use "
+                               f"diti_mode probe or finetune with this backbone")
         feat.encoder.load_state_dict(model.encoder.state_dict())
         feat.z_mean.copy_(torch.tensor(info["z_mean"]))
         feat.z_std.copy_(torch.tensor(info["z_std"]))
@@ -247,10 +279,11 @@ class DiTi(GenerativeAlgorithm):
         context.metrics.set("diti_eval_frozen_loss", info["eval_frozen_loss"])
         if hp["diti_probe_metrics"]:
             rows = slice_probe(model.encoder, ds, context.train_envs, args.trial_seed, args.holdout_fraction,
-                               info["end_dims"], backbone.num_train_timesteps, self.config.k, context.device)
+                               info["end_dims"], info["stage_edges"], backbone.num_train_timesteps, self.config.k,
+                               context.device)
             for r in rows:
-                if not r["slice"].startswith("t <"):
-                    name = r["slice"].replace("t ", "t").replace("-", "_").replace(" ", "")
+                if not r["slice"].startswith("t <"):  # named by the reference's t: the same noise levels on any schedule
+                    name = "all" if r["ref"] == "all" else "t" + r["ref"].replace("-", "_")
                     context.metrics.set(f"diti_class_acc_{name}", r["class_acc"])
                     context.metrics.set(f"diti_domain_acc_{name}", r["domain_acc"])
         print(f"DiTi ({self.mode}): encoder {info['key'][:12]} {'reused' if info['reused'] else 'trained'} "
@@ -302,11 +335,12 @@ def encode_split(encoder, dataset, envs, trial_seed, holdout_fraction, which, de
     return z, y, d
 
 
-def slice_probe(encoder, dataset, train_envs, trial_seed, holdout_fraction, end_dims, num_timesteps, k, device):
-    """Probe rows per time-step slice: fitted on the training domains' in-splits, scored on their out-splits."""
+def slice_probe(encoder, dataset, train_envs, trial_seed, holdout_fraction, end_dims, edges, num_timesteps, k, device):
+    """Probe rows per time-step slice (``edges``: the stage edges on the backbone's schedule): fitted on the
+    training domains' in-splits, scored on their out-splits."""
     fit = encode_split(encoder, dataset, train_envs, trial_seed, holdout_fraction, "in", device)
     held = encode_split(encoder, dataset, train_envs, trial_seed, holdout_fraction, "out", device)
-    return probe_slices(*fit, *held, stage_slices(end_dims, num_timesteps, k))
+    return probe_slices(*fit, *held, stage_slices(end_dims, num_timesteps, k, edges, STAGES))
 
 
 def probe_report(dataset_name: str, data_dir, test_envs: Sequence[int], *, hparams_json: str | None = None,
@@ -337,7 +371,7 @@ def probe_report(dataset_name: str, data_dir, test_envs: Sequence[int], *, hpara
     model, info = trained_encoder(backbone, dataset, train_envs, test_envs, store=store, trial_seed=trial_seed,
                                   holdout_fraction=holdout_fraction, config=config, device=device)
     rows = slice_probe(model.encoder, dataset, train_envs, trial_seed, holdout_fraction, info["end_dims"],
-                       backbone.num_train_timesteps, config.k, device)
+                       info["stage_edges"], backbone.num_train_timesteps, config.k, device)
     n_fit = sum(len(split_indices(len(dataset.envs[e]), trial_seed, e, holdout_fraction)[1]) for e in train_envs)
     n_held = sum(len(split_indices(len(dataset.envs[e]), trial_seed, e, holdout_fraction)[0]) for e in train_envs)
     print(f"DiTi probe on {dataset.name}, training domains {', '.join(dataset.domains[e] for e in train_envs)} "

@@ -17,6 +17,7 @@ from domainfusion_bench.diffusion.diti.schedule import (
     loss_weight,
     prefix_masks,
     shift_coefficient,
+    stage_edges,
 )
 from domainfusion_bench.errors import DfbenchError
 
@@ -59,7 +60,8 @@ class DiTiObjective(nn.Module):
         self.frozen = backbone
         abar = backbone.alphas_cumprod.detach().float().cpu()
         T = len(abar)
-        ends = block_end_dims(T, config.k, config.z_dim, config.allocation)
+        self.stage_edges = stage_edges(abar)
+        ends = block_end_dims(T, config.k, config.z_dim, config.allocation, stages=self.stage_edges)
         visible, new = prefix_masks(ends, config.z_dim)
         self.end_dims = ends
         self.register_buffer("blocks", block_index(T, config.k), persistent=False)

@@ -35,7 +35,7 @@ from torch import nn
 from domainfusion_bench.algorithms.base import register_algorithm
 from domainfusion_bench.algorithms.generative import GenerativeAlgorithm
 from domainfusion_bench.diffusion import LeakageGuard, build_backbone
-from domainfusion_bench.diffusion.backbones import BackboneSpec, PixelDDPMConfig, resize
+from domainfusion_bench.diffusion.backbones import BackboneSpec, PixelDDPMConfig
 from domainfusion_bench.diffusion.diti import (
     STAGES,
     DiTiConfig,
@@ -56,7 +56,13 @@ from domainfusion_bench.diffusion.diti import (
 )
 from domainfusion_bench.diffusion.factory import MODELS_SUBDIR
 from domainfusion_bench.diffusion.store import ModelStore
-from domainfusion_bench.diffusion.trainer import SHARED_TRIALS, default_config, shared_identity, training_indices
+from domainfusion_bench.diffusion.trainer import (
+    SHARED_TRIALS,
+    SplitImages,
+    default_config,
+    shared_identity,
+    training_indices,
+)
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.protocol import split_indices
 
@@ -150,26 +156,17 @@ class DiTiFeaturizer(nn.Module):
 
 def split_images(dataset, envs: Sequence[int], trial_seed: int, holdout_fraction: float, which: str, resolution: int,
                  shared_trials: int = 0):
-    """(images uint8 [N, C, r, r], classes, domain positions in ``envs``) of the ``which`` ('in'/'out') splits
-    (``shared_trials``: the images in the in-split under every shared trial seed, see ``training_indices``)."""
-    xs, ys, ds = [], [], []
-    for pos, env in enumerate(envs):
-        if which == "in":
-            idx = training_indices(len(dataset.envs[env]), env, trial_seed, holdout_fraction, shared_trials)
-        else:
-            idx = split_indices(len(dataset.envs[env]), trial_seed, env, holdout_fraction)[0]
-        data = dataset.envs[env]
-        if isinstance(data, torch.utils.data.TensorDataset):
-            x = resize(as_unit(data.tensors[0][torch.as_tensor(idx, dtype=torch.long)]), resolution)
-            y = data.tensors[1][torch.as_tensor(idx, dtype=torch.long)].long()
-        else:
-            items = [data[i] for i in idx]
-            x = resize(torch.stack([dataset.item_to_unit(a) for a, _ in items]), resolution)
-            y = torch.tensor([int(b) for _, b in items], dtype=torch.long)
-        xs.append((x.clamp(0, 1) * 255).round().to(torch.uint8))
-        ys.append(y)
-        ds.append(torch.full((len(y),), pos, dtype=torch.long))
-    return torch.cat(xs), torch.cat(ys), torch.cat(ds)
+    """(images uint8 [N, C, r, r], classes, domain positions in ``envs``) of the ``which`` ('in'/'out') splits,
+    domain by domain in index order (``shared_trials``: the images in the in-split under every shared trial
+    seed, see ``training_indices``)."""
+    if which == "in":
+        indices = {env: training_indices(len(dataset.envs[env]), env, trial_seed, holdout_fraction, shared_trials)
+                   for env in envs}
+    else:
+        indices = {env: split_indices(len(dataset.envs[env]), trial_seed, env, holdout_fraction)[0] for env in envs}
+    x, y, d = SplitImages(dataset, indices, resolution).all_tensors()
+    position = {int(env): pos for pos, env in enumerate(envs)}
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8), y, torch.tensor([position[int(e)] for e in d], dtype=torch.long)
 
 
 def trained_encoder(backbone, dataset, train_envs, test_envs, *, store: ModelStore, trial_seed: int,

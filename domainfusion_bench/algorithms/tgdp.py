@@ -102,14 +102,8 @@ class TGDP(GenerativeAlgorithm):
     def source_pool(self, context, resolution: int):
         """(x [N, C, R, R] in [0, 1], y, domain) of the training domains' in-splits (see ``shared_trials``)."""
         self.guard(context).check_sources(context.train_envs)
-        data = InSplitImages(context.dataset, context.train_envs, context.args.trial_seed,
-                             context.args.holdout_fraction, resolution, self.shared_trials())
-        tensors = data.tensors()
-        if tensors is None:
-            items = [data[k] for k in range(len(data))]
-            tensors = (torch.stack([x for x, _, _ in items]), torch.tensor([y for _, y, _ in items]),
-                       torch.tensor([d for _, _, d in items]))
-        return tensors
+        return InSplitImages(context.dataset, context.train_envs, context.args.trial_seed,
+                             context.args.holdout_fraction, resolution, self.shared_trials()).all_tensors()
 
     def few_shot_images(self, context, resolution: int) -> torch.Tensor:
         """k unlabelled in-split images of the held-out domain (TGDP-FS only): [k, C, R, R] in [0, 1]."""

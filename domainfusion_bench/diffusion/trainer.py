@@ -144,19 +144,15 @@ def default_config(dataset, steps: int | None = None, **overrides) -> DDPMTrainC
     return replace(config, steps=steps) if steps is not None else config
 
 
-class InSplitImages(Dataset):
-    """(image in [0, 1] at ``resolution``, class, domain) for the in-splits of ``train_envs`` only."""
+class SplitImages(Dataset):
+    """(image in [0, 1] at ``resolution``, class, domain) for the given indices of each domain, in the order of
+    ``indices`` (domain -> its indices): the one reader of split images for the DDPM and the helper models."""
 
-    def __init__(self, dataset, train_envs: Sequence[int], trial_seed: int, holdout_fraction: float, resolution: int,
-                 shared_trials: int = 0):
+    def __init__(self, dataset, indices: dict[int, Sequence[int]], resolution: int):
         self.dataset, self.resolution = dataset, resolution
         self.channels = int(dataset.input_shape[0])
-        self.items: list[tuple[int, int]] = []  # (domain, index in that domain)
-        self.index_record: dict[str, list[int]] = {}
-        for env in train_envs:
-            in_idx = training_indices(len(dataset.envs[env]), env, trial_seed, holdout_fraction, shared_trials)
-            self.items += [(env, i) for i in in_idx]
-            self.index_record[dataset.domains[env]] = list(in_idx)
+        self.items: list[tuple[int, int]] = [(env, int(i)) for env, idx in indices.items() for i in idx]
+        self.index_record: dict[str, list[int]] = {dataset.domains[env]: list(idx) for env, idx in indices.items()}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -179,6 +175,24 @@ class InSplitImages(Dataset):
             ys.append(y[idx].long())
             ds.append(torch.full((len(idx),), env, dtype=torch.long))
         return torch.cat(xs), torch.cat(ys), torch.cat(ds)
+
+    def all_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``tensors()``, or every item read and stacked when a domain is not a TensorDataset."""
+        tensors = self.tensors()
+        if tensors is None:
+            items = [self[k] for k in range(len(self))]
+            tensors = (torch.stack([x for x, _, _ in items]), torch.tensor([y for _, y, _ in items], dtype=torch.long),
+                       torch.tensor([d for _, _, d in items], dtype=torch.long))
+        return tensors
+
+
+class InSplitImages(SplitImages):
+    """``SplitImages`` of the in-splits of ``train_envs`` only (see ``training_indices``)."""
+
+    def __init__(self, dataset, train_envs: Sequence[int], trial_seed: int, holdout_fraction: float, resolution: int,
+                 shared_trials: int = 0):
+        super().__init__(dataset, {env: training_indices(len(dataset.envs[env]), env, trial_seed, holdout_fraction,
+                                                         shared_trials) for env in train_envs}, resolution)
 
 
 def _batches(data: InSplitImages, config: DDPMTrainConfig, workers: int) -> Iterator[tuple[torch.Tensor, ...]]:

@@ -3,12 +3,14 @@ and DiTi runs (probe / finetune / subset) on DigitStyles with their pre-training
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from domainfusion_bench import runfiles
+from domainfusion_bench.costs import CostMeter
 from domainfusion_bench.algorithms.diti import parse_blocks, probe_report, split_images, z_slice
 from domainfusion_bench.data import get_dataset
 from domainfusion_bench.diffusion import diti
@@ -62,7 +64,7 @@ def test_shift_coefficient_and_loss_weight_by_hand():
     assert c[2].item() == pytest.approx(-math.sqrt(0.7) * (1 - 0.72) / math.sqrt(1 - 0.504), rel=1e-6)
     snr = 0.72 / 0.28
     assert w[1].item() == pytest.approx(snr**0.1 / (1 + snr), rel=1e-6)
-    # the linear schedule the reference and our pixel DDPM use (1e-4 .. 0.02 over 1000 steps)
+    # the reference's linear schedule (1e-4 .. 0.02 over 1000 steps; our pixel DDPM's is cosine, see the stage edges)
     from diffusers import DDPMScheduler
 
     beta = [1e-4 + (0.02 - 1e-4) * t / 999 for t in range(1000)]
@@ -77,6 +79,29 @@ def test_shift_coefficient_and_loss_weight_by_hand():
         snr = ab[t + 1] / (1 - ab[t + 1])
         assert diti.shift_coefficient(table)[t].item() == pytest.approx(expect_c, rel=1e-5)
         assert diti.loss_weight(table)[t].item() == pytest.approx(snr**0.1 / (1 + snr), rel=1e-5)
+
+
+def test_stage_edges_match_the_reference_alpha_bar():
+    """Each reference edge t moves to the first t of our schedule whose abar is at or below the reference's
+    abar_t: the identity on the reference's own linear schedule, (104, 203, 564, 818, 1000) on the cosine one."""
+    from diffusers import DDPMScheduler
+
+    reference = diti.reference_alphas_cumprod()
+    assert torch.allclose(DDPMScheduler(num_train_timesteps=1000).alphas_cumprod.double(), reference, atol=1e-6)
+    assert diti.stage_edges(reference) == list(diti.STAGES)
+    cosine = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod.double()
+    edges = diti.stage_edges(cosine)
+    assert edges == [104, 203, 564, 818, 1000]
+    for ours, ref in zip(edges[:-1], diti.STAGES):
+        assert cosine[ours] <= reference[ref] < cosine[ours - 1]
+    assert tiny_backbone().alphas_cumprod.double().allclose(cosine, atol=1e-6)  # our pixel DDPM's schedule
+    objective = diti.DiTiObjective(tiny_backbone(), diti.DiTiConfig())
+    # the stage allocation on those edges: 7 / 6 / 24 / 16 / 11 blocks of 64 share 10 / 25 / 327 / 100 / 50 dims
+    ends = diti.block_end_dims(1000, 64, 512, stages=edges)
+    assert objective.stage_edges == edges and objective.end_dims == ends
+    assert [ends[b] for b in (6, 12, 36, 52, 63)] == [10, 35, 362, 462, 512] and ends[7] - ends[6] == 25 // 6
+    with pytest.raises(DfbenchError, match="reference time steps"):
+        diti.stage_edges(cosine, (50, 100, 1200))
 
 
 def tiny_backbone(resolution=16, channels=1, seed=0):
@@ -117,8 +142,13 @@ def test_bad_settings_are_clear_errors():
             parse_blocks(bad, 64)
     with pytest.raises(DfbenchError, match="grad_mode"):
         diti.DiTiConfig(grad_mode="sometimes")
-    hp = {"diti_mode": "subset", "diti_blocks": "32-63", "diti_z_dim": 512, "diti_k": 64, "diti_allocation": "stages"}
-    assert z_slice(hp) == (462, 512)
+    hp = {"diti_mode": "subset", "diti_blocks": "stage:4", "diti_z_dim": 512, "diti_k": 64, "diti_allocation": "stages",
+          "diffusion_backbone": "pixel_ddpm"}
+    assert z_slice(hp) == (462, 512) == z_slice({**hp, "diti_blocks": "53-63"})  # cosine: stage 4 is t >= 818
+    assert z_slice({**hp, "diti_blocks": "32-63"}, diti.reference_alphas_cumprod()) == (462, 512)  # linear: t >= 500
+    assert z_slice({**hp, "diti_blocks": "32-63"})[0] < 462
+    with pytest.raises(DfbenchError, match="stage:0 .. stage:4"):
+        z_slice({**hp, "diti_blocks": "stage:5"})
     with pytest.raises(DfbenchError, match="diti_mode"):
         z_slice({**hp, "diti_mode": "linear"})
 
@@ -171,13 +201,19 @@ def test_diti_runs_in_each_mode_record_the_pretraining_cost(diti_runs):
         enc = {k[len("featurizer.encoder."):]: v for k, v in model.items() if k.startswith("featurizer.encoder.")}
         same = all(torch.equal(enc[k], encoder_file[k]) for k in encoder_file)
         assert same == (mode != "finetune")  # probe and subset keep z frozen; finetune trains the encoder
+    # finetune: one frozen-DDPM call per image of the DiTi loss, 3 steps x 3 domains x 8 images (pre-training is
+    # the cached encoder's cost); probe and subset call it never
+    finetuned = read(runs["finetune"])[-1]
+    assert finetuned["cost_diti_frozen_nfe"] == finetuned["cost_nfe"] == 3 * 3 * FAST["batch_size"]
+    assert "cost_nfe" not in read(runs["probe"])[-1] and "cost_diti_frozen_nfe" not in read(runs["subset"])[-1]
     assert "diti_loss" in read(runs["finetune"])[-1] and any(k.startswith("branch.") for k in
                                                              torch.load(runs["finetune"] / runfiles.MODEL, weights_only=False)["model_dict"])
     probed = read(runs["subset"])[-1]
     assert 0 <= probed["metric_diti_class_acc_t500_1000"] <= 1 and 0 <= probed["metric_diti_domain_acc_all"] <= 1
     assert "metric_diti_class_acc_all" not in read(runs["probe"])[-1]
     subset = torch.load(runs["subset"] / runfiles.MODEL, weights_only=False)["model_dict"]
-    assert subset["classifier.weight"].shape[1] == 64 - diti.block_end_dims(1000, 64, 64)[31]
+    hp = read(runs["subset"])[-1]["hparams"]
+    assert subset["classifier.weight"].shape[1] == 64 - z_slice(hp)[0] and hp["diti_blocks"] == "stage:4"
 
 
 def test_probe_report_reuses_the_encoder_and_scores_every_slice(diti_runs, tmp_path):
@@ -185,7 +221,9 @@ def test_probe_report_reuses_the_encoder_and_scores_every_slice(diti_runs, tmp_p
     out = tmp_path / "probe.json"
     rows = probe_report("DigitStyles", str(root / "data"), [0], hparams_json=json.dumps(FAST), json_out=out)
     assert len(list((root / "data" / ".dfbench_cache" / "models" / "diti_encoder").glob("*/meta.json"))) == 1
-    assert [r["slice"] for r in rows][:5] == ["t 0-50", "t 50-100", "t 100-300", "t 300-500", "t 500-1000"]
+    # the reference's stages, moved onto the pixel DDPM's cosine schedule by alpha-bar
+    assert [r["slice"] for r in rows][:5] == ["t 0-104", "t 104-203", "t 203-564", "t 564-818", "t 818-1000"]
+    assert [r["ref"] for r in rows][:5] == ["0-50", "50-100", "100-300", "300-500", "500-1000"]
     assert rows[-1]["dims"] == "0-64" and all(0 <= r["class_acc"] <= 1 and 0 <= r["domain_acc"] <= 1 for r in rows)
     assert json.loads(out.read_text())["rows"][0]["n_dims"] == rows[0]["n_dims"]
 
@@ -199,16 +237,21 @@ def test_finetune_diti_loss_reads_an_even_stride_of_the_minibatch():
     seen = []
 
     class Recorder:
+        nfe = 0
+
         def loss(self, encoder, branch, x):
             seen.append(x.clone())
+            self.nfe += len(x)  # one frozen-model call per image, as DiTiObjective counts them
             return torch.zeros((), requires_grad=True), 0.0
 
     algo.objective = Recorder()
+    algo._context = SimpleNamespace(costs=CostMeter())
     x = torch.arange(12.0).view(12, 1, 1, 1).expand(12, 3, 32, 32)  # 3 domains x 4 images, tagged by value
     minibatches = [(x[4 * d:4 * d + 4], torch.zeros(4, dtype=torch.long)) for d in range(3)]
     algo.loss(minibatches)
     tags = algo.featurizer.unit(x)[:, 0, 0, 0]
     assert torch.equal(seen[-1][:, 0, 0, 0], tags[::3])  # 4 of 12: images 0, 3, 6, 9 -> every domain is in it
+    assert algo._context.costs.totals == {"nfe": 4, "diti_frozen_nfe": 4}  # charged as the images it read
     algo.hparams["diti_finetune_batch"] = 0
     algo.loss(minibatches)
-    assert len(seen[-1]) == 12
+    assert len(seen[-1]) == 12 and algo._context.costs.totals["diti_frozen_nfe"] == 16

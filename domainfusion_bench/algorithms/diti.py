@@ -9,12 +9,15 @@ The classifier then reads the encoder's z:
 - ``probe``: z frozen, a linear head trained (the paper's linear-probe protocol);
 - ``finetune``: CE + ``diti_lambda`` * DiTi loss on the same minibatches, encoder and branch trainable,
   the DDPM never updated;
-- ``subset``: z frozen, the head reads only the dims of blocks ``diti_blocks`` ("lo-hi", inclusive; the
-  default 32-63 is the t >= 500 stage: coarse content, which should carry class and not style).
+- ``subset``: z frozen, the head reads only the dims of ``diti_blocks``: blocks "lo-hi" (inclusive) or a
+  stage "stage:N" (its blocks; the default stage:4 is the reference's t >= 500 stage, t >= 818 on our
+  cosine pixel DDPM: coarse content, which should carry class and not style).
 
 Ours: z is standardised with the training in-splits' per-dim mean and std (buffers fixed after
 pre-training) so one learning rate suits any encoder; the frozen DDPM is queried with the null
-condition (DiTi is unsupervised; the shared DDPM learnt it through condition dropout).
+condition (DiTi is unsupervised; the shared DDPM learnt it through condition dropout). The stage edges
+follow the backbone's schedule by alpha-bar (diffusion/diti/schedule.py ``stage_edges``); probe metrics
+are named by the reference's t (``metric_diti_class_acc_t500_1000``: the stage the paper calls t 500-1000).
 ``dfbench diti probe`` answers which slices carry class and which carry domain.
 """
 
@@ -32,24 +35,34 @@ from torch import nn
 from domainfusion_bench.algorithms.base import register_algorithm
 from domainfusion_bench.algorithms.generative import GenerativeAlgorithm
 from domainfusion_bench.diffusion import LeakageGuard, build_backbone
-from domainfusion_bench.diffusion.backbones import BackboneSpec, resize
+from domainfusion_bench.diffusion.backbones import BackboneSpec, PixelDDPMConfig
 from domainfusion_bench.diffusion.diti import (
+    STAGES,
     DiTiConfig,
     DiTiEncoder,
     DiTiObjective,
     ShiftBranch,
     as_unit,
     block_end_dims,
+    block_stages,
     build_model,
     encoder_resolution,
     format_probe_table,
     pretrain_diti,
     probe_slices,
+    reference_alphas_cumprod,
+    stage_edges,
     stage_slices,
 )
 from domainfusion_bench.diffusion.factory import MODELS_SUBDIR
 from domainfusion_bench.diffusion.store import ModelStore
-from domainfusion_bench.diffusion.trainer import SHARED_TRIALS, default_config, shared_identity, training_indices
+from domainfusion_bench.diffusion.trainer import (
+    SHARED_TRIALS,
+    SplitImages,
+    default_config,
+    shared_identity,
+    training_indices,
+)
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.protocol import split_indices
 
@@ -57,13 +70,21 @@ MODES = ("probe", "finetune", "subset")
 KIND = "diti_encoder"  # in the cached-model store; its cost is recorded as diti_train_seconds
 
 
-def parse_blocks(text: str, k: int) -> tuple[int, int]:
-    """'lo-hi' (inclusive block indices) or 'b' -> (lo, hi)."""
+def parse_blocks(text: str, k: int, stage_of: Sequence[int] | None = None) -> tuple[int, int]:
+    """'lo-hi' (inclusive block indices), 'b', or 'stage:N' (the blocks of stage N, ``stage_of[b]`` each
+    block's stage) -> (lo, hi)."""
+    text = str(text)
+    if text.startswith("stage:") and stage_of is not None:
+        members = [b for b, s in enumerate(stage_of) if str(s) == text[len("stage:"):]]
+        if not members:
+            raise DfbenchError(f"diti_blocks {text!r}: stages are stage:0 .. stage:{max(stage_of)}")
+        return members[0], members[-1]
     try:
-        lo, _, hi = str(text).partition("-")
+        lo, _, hi = text.partition("-")
         lo, hi = int(lo), int(hi or lo)
     except ValueError:
-        raise DfbenchError(f"diti_blocks must be 'lo-hi' block indices such as '32-63', got {text!r}") from None
+        raise DfbenchError(f"diti_blocks must be 'lo-hi' block indices such as '53-63' or a stage such as "
+                           f"'stage:4', got {text!r}") from None
     if not 0 <= lo <= hi < k:
         raise DfbenchError(f"diti_blocks {text!r} must satisfy 0 <= lo <= hi < k = {k}")
     return lo, hi
@@ -76,14 +97,28 @@ def config_from_hparams(hp: dict[str, Any]) -> DiTiConfig:
                       lr=hp["diti_lr"], ema_decay=hp["diti_ema_decay"], seed=hp["diti_seed"])
 
 
-def z_slice(hp: dict[str, Any]) -> tuple[int, int]:
-    """The dims the classifier reads: all of z, or the blocks of ``diti_blocks`` in subset mode."""
+def expected_schedule(hp: dict[str, Any]) -> torch.Tensor:
+    """The alpha-bar table of the run's backbone, before it is built: the pixel DDPM's own; for another
+    backbone the reference's (``generate`` checks the real one where it matters)."""
+    if BackboneSpec.parse(hp["diffusion_backbone"]).kind != "pixel_ddpm":
+        return reference_alphas_cumprod()
+    from diffusers import DDPMScheduler
+
+    config = PixelDDPMConfig()
+    return DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule).alphas_cumprod
+
+
+def z_slice(hp: dict[str, Any], alphas_cumprod: torch.Tensor | None = None) -> tuple[int, int]:
+    """The dims the classifier reads: all of z, or those of ``diti_blocks`` in subset mode (the block ends
+    follow the stage edges of ``alphas_cumprod``, by default ``expected_schedule``)."""
     if hp["diti_mode"] not in MODES:
         raise DfbenchError(f"diti_mode must be one of {', '.join(MODES)}, got {hp['diti_mode']!r}")
     if hp["diti_mode"] != "subset":
         return 0, hp["diti_z_dim"]
-    ends = block_end_dims(1000, hp["diti_k"], hp["diti_z_dim"], hp["diti_allocation"])
-    lo, hi = parse_blocks(hp["diti_blocks"], hp["diti_k"])
+    abar = expected_schedule(hp) if alphas_cumprod is None else alphas_cumprod
+    T, edges = len(abar), stage_edges(abar)
+    ends = block_end_dims(T, hp["diti_k"], hp["diti_z_dim"], hp["diti_allocation"], stages=edges)
+    lo, hi = parse_blocks(hp["diti_blocks"], hp["diti_k"], block_stages(T, hp["diti_k"], edges))
     start, end = (ends[lo - 1] if lo else 0), ends[hi]
     if end <= start:
         raise DfbenchError(f"diti_blocks {hp['diti_blocks']} hold no dims under the {hp['diti_allocation']} allocation")
@@ -121,26 +156,17 @@ class DiTiFeaturizer(nn.Module):
 
 def split_images(dataset, envs: Sequence[int], trial_seed: int, holdout_fraction: float, which: str, resolution: int,
                  shared_trials: int = 0):
-    """(images uint8 [N, C, r, r], classes, domain positions in ``envs``) of the ``which`` ('in'/'out') splits
-    (``shared_trials``: the images in the in-split under every shared trial seed, see ``training_indices``)."""
-    xs, ys, ds = [], [], []
-    for pos, env in enumerate(envs):
-        if which == "in":
-            idx = training_indices(len(dataset.envs[env]), env, trial_seed, holdout_fraction, shared_trials)
-        else:
-            idx = split_indices(len(dataset.envs[env]), trial_seed, env, holdout_fraction)[0]
-        data = dataset.envs[env]
-        if isinstance(data, torch.utils.data.TensorDataset):
-            x = resize(as_unit(data.tensors[0][torch.as_tensor(idx, dtype=torch.long)]), resolution)
-            y = data.tensors[1][torch.as_tensor(idx, dtype=torch.long)].long()
-        else:
-            items = [data[i] for i in idx]
-            x = resize(torch.stack([dataset.item_to_unit(a) for a, _ in items]), resolution)
-            y = torch.tensor([int(b) for _, b in items], dtype=torch.long)
-        xs.append((x.clamp(0, 1) * 255).round().to(torch.uint8))
-        ys.append(y)
-        ds.append(torch.full((len(y),), pos, dtype=torch.long))
-    return torch.cat(xs), torch.cat(ys), torch.cat(ds)
+    """(images uint8 [N, C, r, r], classes, domain positions in ``envs``) of the ``which`` ('in'/'out') splits,
+    domain by domain in index order (``shared_trials``: the images in the in-split under every shared trial
+    seed, see ``training_indices``)."""
+    if which == "in":
+        indices = {env: training_indices(len(dataset.envs[env]), env, trial_seed, holdout_fraction, shared_trials)
+                   for env in envs}
+    else:
+        indices = {env: split_indices(len(dataset.envs[env]), trial_seed, env, holdout_fraction)[0] for env in envs}
+    x, y, d = SplitImages(dataset, indices, resolution).all_tensors()
+    position = {int(env): pos for pos, env in enumerate(envs)}
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8), y, torch.tensor([position[int(e)] for e in d], dtype=torch.long)
 
 
 def trained_encoder(backbone, dataset, train_envs, test_envs, *, store: ModelStore, trial_seed: int,
@@ -163,7 +189,8 @@ def trained_encoder(backbone, dataset, train_envs, test_envs, *, store: ModelSto
 
     entry = store.get_or_train(
         KIND, dataset=dataset, train_envs=train_envs, trial_seed=store_seed, holdout_fraction=holdout_fraction,
-        config={**config.to_json(), "backbone": backbone.key, "encoder_resolution": res, "split": split},
+        config={**config.to_json(), "backbone": backbone.key, "encoder_resolution": res, "split": split,
+                "stage_edges": stage_edges(backbone.alphas_cumprod)},
         build=lambda: build_model(backbone, config, channels, res), train=train,
         guard=LeakageGuard(dataset.name, dataset.domains, test_envs), costs=costs, made_by=made_by, device=device,
         cost_name="diti_train_seconds")
@@ -184,7 +211,7 @@ class DiTi(GenerativeAlgorithm):
     def hparam_space(cls, space, dataset):
         super().hparam_space(space, dataset)
         space.add("diti_mode", "probe")  # probe | finetune | subset
-        space.add("diti_blocks", "32-63")  # subset mode: inclusive block range the head reads
+        space.add("diti_blocks", "stage:4")  # subset mode: the blocks ("lo-hi", inclusive) or stage the head reads
         space.add("diti_lambda", 1.0, lambda r: 10 ** r.uniform(-1, 1))  # finetune: weight of the DiTi loss
         # finetune: images per step the DiTi loss sees (an even stride through the minibatch, so every training
         # domain is in it; 0 = all). Ours: the loss costs a frozen-DDPM and a branch pass per image, 3x the CE's
@@ -206,7 +233,7 @@ class DiTi(GenerativeAlgorithm):
 
     @classmethod
     def build_featurizer(cls, input_shape, hparams):
-        start, end = z_slice(hparams)
+        start, end = z_slice(hparams)  # the expected schedule's; generate checks it against the backbone's
         encoder = DiTiEncoder(int(input_shape[0]), hparams["diti_z_dim"], hparams["diti_encoder_width"],
                               encoder_resolution(input_shape))
         return DiTiFeaturizer(encoder, start, end)
@@ -230,9 +257,11 @@ class DiTi(GenerativeAlgorithm):
                                       trial_seed=args.trial_seed, holdout_fraction=args.holdout_fraction,
                                       config=self.config, device=context.device, costs=context.costs,
                                       made_by=context.made_by, heartbeat=context.heartbeat)
-        if info["end_dims"] != block_end_dims(1000, self.config.k, self.config.z_dim, self.config.allocation):
-            raise DfbenchError(f"DiTi assumes T = 1000 diffusion steps; this backbone has {backbone.num_train_timesteps}")
         feat = self.featurizer
+        if z_slice(hp, backbone.alphas_cumprod) != (feat.start, feat.end):
+            raise DfbenchError(f"DiTi subset mode: diti_blocks {hp['diti_blocks']!r} were read as z[{feat.start}:{feat.end}] "
+                               f"for the pixel DDPM's schedule, but this backbone's schedule puts them elsewhere; use "
+                               f"diti_mode probe or finetune with this backbone")
         feat.encoder.load_state_dict(model.encoder.state_dict())
         feat.z_mean.copy_(torch.tensor(info["z_mean"]))
         feat.z_std.copy_(torch.tensor(info["z_std"]))
@@ -249,10 +278,11 @@ class DiTi(GenerativeAlgorithm):
         context.metrics.set("diti_eval_frozen_loss", info["eval_frozen_loss"])
         if hp["diti_probe_metrics"]:
             rows = slice_probe(model.encoder, ds, context.train_envs, args.trial_seed, args.holdout_fraction,
-                               info["end_dims"], backbone.num_train_timesteps, self.config.k, context.device)
+                               info["end_dims"], info["stage_edges"], backbone.num_train_timesteps, self.config.k,
+                               context.device)
             for r in rows:
-                if not r["slice"].startswith("t <"):
-                    name = r["slice"].replace("t ", "t").replace("-", "_").replace(" ", "")
+                if not r["slice"].startswith("t <"):  # named by the reference's t: the same noise levels on any schedule
+                    name = "all" if r["ref"] == "all" else "t" + r["ref"].replace("-", "_")
                     context.metrics.set(f"diti_class_acc_{name}", r["class_acc"])
                     context.metrics.set(f"diti_domain_acc_{name}", r["domain_acc"])
         print(f"DiTi ({self.mode}): encoder {info['key'][:12]} {'reused' if info['reused'] else 'trained'} "
@@ -278,9 +308,23 @@ class DiTi(GenerativeAlgorithm):
         feat = self.featurizer
         n = self.hparams["diti_finetune_batch"]
         sub = x[::-(-len(x) // n)] if 0 < n < len(x) else x
+        before = self.objective.nfe
         diti, frozen = self.objective.loss(feat.encoder, self.branch, feat.unit(sub))
+        self.charge_frozen_calls(self.objective.nfe - before)
         return ce + self.hparams["diti_lambda"] * diti, {"ce": ce.detach(), "diti_loss": diti.detach(),
                                                           "diti_frozen_loss": frozen}
+
+    def charge_frozen_calls(self, n: int) -> None:
+        """Finetuning queries the frozen DDPM once per image its DiTi loss reads: NFEs like a sampler's, recorded
+        in ``cost_nfe`` and on their own as ``cost_diti_frozen_nfe``. Counted for every rank (only the main
+        process writes records)."""
+        context = getattr(self, "_context", None)
+        if context is None or n == 0:
+            return
+        dist = torch.distributed
+        n *= dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        context.costs.add("nfe", n)
+        context.costs.add("diti_frozen_nfe", n)
 
 
 @torch.no_grad()
@@ -290,11 +334,12 @@ def encode_split(encoder, dataset, envs, trial_seed, holdout_fraction, which, de
     return z, y, d
 
 
-def slice_probe(encoder, dataset, train_envs, trial_seed, holdout_fraction, end_dims, num_timesteps, k, device):
-    """Probe rows per time-step slice: fitted on the training domains' in-splits, scored on their out-splits."""
+def slice_probe(encoder, dataset, train_envs, trial_seed, holdout_fraction, end_dims, edges, num_timesteps, k, device):
+    """Probe rows per time-step slice (``edges``: the stage edges on the backbone's schedule): fitted on the
+    training domains' in-splits, scored on their out-splits."""
     fit = encode_split(encoder, dataset, train_envs, trial_seed, holdout_fraction, "in", device)
     held = encode_split(encoder, dataset, train_envs, trial_seed, holdout_fraction, "out", device)
-    return probe_slices(*fit, *held, stage_slices(end_dims, num_timesteps, k))
+    return probe_slices(*fit, *held, stage_slices(end_dims, num_timesteps, k, edges, STAGES))
 
 
 def probe_report(dataset_name: str, data_dir, test_envs: Sequence[int], *, hparams_json: str | None = None,
@@ -325,7 +370,7 @@ def probe_report(dataset_name: str, data_dir, test_envs: Sequence[int], *, hpara
     model, info = trained_encoder(backbone, dataset, train_envs, test_envs, store=store, trial_seed=trial_seed,
                                   holdout_fraction=holdout_fraction, config=config, device=device)
     rows = slice_probe(model.encoder, dataset, train_envs, trial_seed, holdout_fraction, info["end_dims"],
-                       backbone.num_train_timesteps, config.k, device)
+                       info["stage_edges"], backbone.num_train_timesteps, config.k, device)
     n_fit = sum(len(split_indices(len(dataset.envs[e]), trial_seed, e, holdout_fraction)[1]) for e in train_envs)
     n_held = sum(len(split_indices(len(dataset.envs[e]), trial_seed, e, holdout_fraction)[0]) for e in train_envs)
     print(f"DiTi probe on {dataset.name}, training domains {', '.join(dataset.domains[e] for e in train_envs)} "

@@ -91,11 +91,8 @@ class TGDP(GenerativeAlgorithm):
     # --- data: the only places that read images -----------------------------------------------------
     def guard(self, context) -> LeakageGuard:
         """A fresh guard (its few-shot budget is per use): DG allows no held-out image, TGDP-FS k unlabelled ones."""
-        try:
-            return LeakageGuard(context.dataset.name, context.dataset.domains, context.test_envs,
-                                few_shot_target=self.few_shot_target())
-        except TypeError:  # a diffusion layer without the few-shot mode: few_shot_images() checks k itself
-            return LeakageGuard(context.dataset.name, context.dataset.domains, context.test_envs)
+        return LeakageGuard(context.dataset.name, context.dataset.domains, context.test_envs,
+                            few_shot_target=self.few_shot_target())
 
     def shared_trials(self) -> int:
         """TGDP's helpers are shared by trials 0-2 as the DDPM is; TGDP-FS's are per trial (its target
@@ -105,14 +102,8 @@ class TGDP(GenerativeAlgorithm):
     def source_pool(self, context, resolution: int):
         """(x [N, C, R, R] in [0, 1], y, domain) of the training domains' in-splits (see ``shared_trials``)."""
         self.guard(context).check_sources(context.train_envs)
-        data = InSplitImages(context.dataset, context.train_envs, context.args.trial_seed,
-                             context.args.holdout_fraction, resolution, self.shared_trials())
-        tensors = data.tensors()
-        if tensors is None:
-            items = [data[k] for k in range(len(data))]
-            tensors = (torch.stack([x for x, _, _ in items]), torch.tensor([y for _, y, _ in items]),
-                       torch.tensor([d for _, _, d in items]))
-        return tensors
+        return InSplitImages(context.dataset, context.train_envs, context.args.trial_seed,
+                             context.args.holdout_fraction, resolution, self.shared_trials()).all_tensors()
 
     def few_shot_images(self, context, resolution: int) -> torch.Tensor:
         """k unlabelled in-split images of the held-out domain (TGDP-FS only): [k, C, R, R] in [0, 1]."""
@@ -128,9 +119,7 @@ class TGDP(GenerativeAlgorithm):
         if k > len(in_idx):
             raise DfbenchError(f"tgdp_target_shots = {k} but {ds.domains[env]}'s in-split has {len(in_idx)} images")
         picked = in_idx[:k]  # the split's own seeded shuffle: a fixed, trial-dependent choice
-        check = getattr(self.guard(context), "check_target_images", None)
-        if check is not None:
-            check(len(picked), labelled=False)
+        self.guard(context).check_target_images(len(picked), labelled=False)
         env_data = ds.envs[env]
         if hasattr(env_data, "tensors"):
             raw = list(env_data.tensors[0][torch.as_tensor(picked)])  # images only: labels are never read
@@ -151,8 +140,6 @@ class TGDP(GenerativeAlgorithm):
     def helper(self, context, kind: str, config: dict, build, train):
         few_shot = {int(context.test_envs[0]): int(self.hparams["tgdp_target_shots"])} if self.FEW_SHOT else None
         guard = self.guard(context)
-        if few_shot and getattr(guard, "check_target_images", None) is None:
-            guard = None  # checked in few_shot_images; the layer's few-shot guard is not there yet
         store_seed, split = shared_identity(context.args.trial_seed, self.shared_trials())
         return context.models.get_or_train(
             kind, dataset=context.dataset, train_envs=context.train_envs, trial_seed=store_seed,
@@ -161,93 +148,124 @@ class TGDP(GenerativeAlgorithm):
 
     # --- generation ------------------------------------------------------------------------------------
     def generate(self, context: Any):
-        hp, ds, args = self.hparams, context.dataset, context.args
+        """The paper's steps: pool and targets, (1) domain classifier, (2) optional time classifier, (3) h,
+        (4) guided samples per target and class, (5) the training splits."""
+        hp = self.hparams
         if hp["tgdp_per_class"] < 0 or hp["tgdp_mixes"] < 0 or not 0 <= hp["tgdp_synthetic_fraction"] <= 1:
             raise DfbenchError("TGDP needs tgdp_per_class >= 0, tgdp_mixes >= 0 and 0 <= tgdp_synthetic_fraction <= 1")
         backbone = self.backbone(context)
-        device, res = backbone.device, backbone.resolution
-        pool = self.source_pool(context, res)
-        targets = self.targets(context, pool, res)
-
-        def encode(x):
-            with torch.no_grad():
-                return torch.cat([backbone.encode(x[i:i + 256].float().to(device)).cpu() for i in range(0, len(x), 256)])
-
-        z_pool = encode(pool[0])
-        z_targets = [encode(x) for _, x, _, _ in targets]
-        shape, K = tuple(z_pool.shape[1:]), len(targets)
-        config = DensityRatioConfig(
-            width=hp["tgdp_width"], batch_size=hp["tgdp_helper_batch_size"], classifier_steps=hp["tgdp_classifier_steps"],
-            h_steps=hp["tgdp_h_steps"], consistency_weight=hp["tgdp_consistency"], cycle_weight=hp["tgdp_cycle"],
-            time_classifier_steps=hp["tgdp_classifier_steps"], max_log_ratio=hp["tgdp_max_log_ratio"],
-            seed=seed_hash("TGDP", shared_identity(args.trial_seed, self.shared_trials())[0]))
+        pool = self.source_pool(context, backbone.resolution)
+        targets = self.targets(context, pool, backbone.resolution)
+        z_pool = self.encode(backbone, pool[0])
+        z_targets = [self.encode(backbone, x) for _, x, _, _ in targets]
+        config = self.ratio_config(context)
         ident = {"density_ratio": config.to_json(), "backbone": backbone.key, "targets": [t[0] for t in targets],
                  "few_shot": self.FEW_SHOT}
-
-        # (1) the domain classifier c(z_0): head k = target k vs the pool
-        c_entry = self.helper(
-            context, "tgdp_domain_classifier", ident,
-            build=lambda: DomainClassifier(shape, K, width=config.width, max_log_ratio=config.max_log_ratio),
-            train=lambda m: train_domain_classifier(m, z_pool, z_targets, config=config, device=device,
-                                                    heartbeat=context.heartbeat))
+        c_entry = self.fit_domain_classifier(context, backbone, ident, config, z_pool, z_targets)
         classifier = c_entry.module
-        r_pool = ratios(classifier, z_pool, device)
+        r_pool = ratios(classifier, z_pool, backbone.device)
         metrics = {"tgdp_classifier_acc": float(np.mean(c_entry.info["accuracy"])),
                    "tgdp_ratio_min": r_pool.min().item(), "tgdp_ratio_median": r_pool.median().item(),
                    "tgdp_ratio_max": r_pool.max().item()}
+        time_classifier = self.fit_time_classifier(context, backbone, ident, config, z_pool, z_targets)
+        h_entry = self.fit_guidance_net(context, backbone, {**ident, "classifier": c_entry.key}, config, pool, targets,
+                                        z_pool, z_targets, r_pool, time_classifier)
+        metrics["tgdp_h_regression_loss"] = float(h_entry.info.get("final_regression") or 0.0)
+        generated, before_p, after_p = self.guided_samples(context, backbone, h_entry.module, classifier, targets)
+        if before_p:
+            metrics["tgdp_target_prob_before"] = torch.cat(before_p).mean().item()
+            metrics["tgdp_target_prob_after"] = torch.cat(after_p).mean().item()
+        for name, value in metrics.items():
+            context.metrics.set(name, value)
+        return self.training_splits(context, backbone, generated, pool, metrics)
 
-        # (2) the time-conditioned classifier c'(z_t, t) of the cycle term (optional)
-        abar = backbone.alphas_cumprod.detach().cpu()
-        time_classifier = None
-        if config.cycle_weight > 0:
-            time_classifier = self.helper(
-                context, "tgdp_time_classifier", ident,
-                build=lambda: DomainClassifier(shape, K, time=True, width=config.width, max_log_ratio=config.max_log_ratio),
-                train=lambda m: train_domain_classifier(m, z_pool, z_targets, config=config, abar=abar, device=device,
-                                                        heartbeat=context.heartbeat)).module
+    @staticmethod
+    def encode(backbone, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the backbone's input space (on the CPU), 256 at a time."""
+        with torch.no_grad():
+            return torch.cat([backbone.encode(x[i:i + 256].float().to(backbone.device)).cpu() for i in range(0, len(x), 256)])
+
+    def ratio_config(self, context) -> DensityRatioConfig:
+        hp = self.hparams
+        return DensityRatioConfig(
+            width=hp["tgdp_width"], batch_size=hp["tgdp_helper_batch_size"], classifier_steps=hp["tgdp_classifier_steps"],
+            h_steps=hp["tgdp_h_steps"], consistency_weight=hp["tgdp_consistency"], cycle_weight=hp["tgdp_cycle"],
+            time_classifier_steps=hp["tgdp_classifier_steps"], max_log_ratio=hp["tgdp_max_log_ratio"],
+            seed=seed_hash("TGDP", shared_identity(context.args.trial_seed, self.shared_trials())[0]))
+
+    def fit_domain_classifier(self, context, backbone, ident: dict, config: DensityRatioConfig, z_pool, z_targets):
+        """(1) c(z_0): head k = target k vs the pool (the cached entry)."""
+        shape, K = tuple(z_pool.shape[1:]), len(z_targets)
+        return self.helper(
+            context, "tgdp_domain_classifier", ident,
+            build=lambda: DomainClassifier(shape, K, width=config.width, max_log_ratio=config.max_log_ratio),
+            train=lambda m: train_domain_classifier(m, z_pool, z_targets, config=config, device=backbone.device,
+                                                    heartbeat=context.heartbeat))
+
+    def fit_time_classifier(self, context, backbone, ident: dict, config: DensityRatioConfig, z_pool, z_targets):
+        """(2) c'(z_t, t) of the cycle term, when it is on (else None)."""
+        if config.cycle_weight <= 0:
+            return None
+        shape, K, abar = tuple(z_pool.shape[1:]), len(z_targets), backbone.alphas_cumprod.detach().cpu()
+        return self.helper(
+            context, "tgdp_time_classifier", ident,
+            build=lambda: DomainClassifier(shape, K, time=True, width=config.width, max_log_ratio=config.max_log_ratio),
+            train=lambda m: train_domain_classifier(m, z_pool, z_targets, config=config, abar=abar, device=backbone.device,
+                                                    heartbeat=context.heartbeat)).module
+
+    def fit_guidance_net(self, context, backbone, ident: dict, config: DensityRatioConfig, pool, targets, z_pool,
+                         z_targets, r_pool, time_classifier):
+        """(3) h_psi regressed onto r(z_0) on the pooled source samples (the cached entry)."""
+        shape, K, abar = tuple(z_pool.shape[1:]), len(z_targets), backbone.alphas_cumprod.detach().cpu()
 
         def eps_model(z_t, t, y):  # the pooled-source model: null domain, the class where known
             cond = backbone.condition(class_ids=y.cpu() if y is not None else None, batch=len(z_t))
             return backbone.eps(z_t, t, cond)
 
-        # (3) h_psi regressed onto r(z_0) on the pooled source samples
-        h_entry = self.helper(
-            context, "tgdp_guidance_net", {**ident, "classifier": c_entry.key},
-            build=lambda: GuidanceNet(shape, K, num_classes=len(ds.classes), width=config.width),
+        return self.helper(
+            context, "tgdp_guidance_net", ident,
+            build=lambda: GuidanceNet(shape, K, num_classes=len(context.dataset.classes), width=config.width),
             train=lambda m: train_guidance_net(
                 m, z_pool, r_pool, abar, source_labels=pool[1], config=config, targets=z_targets,
                 target_labels=[y for _, _, y, _ in targets], eps_model=eps_model, time_classifier=time_classifier,
-                device=device, heartbeat=context.heartbeat))
-        h = h_entry.module
-        metrics["tgdp_h_regression_loss"] = float(h_entry.info.get("final_regression") or 0.0)
+                device=backbone.device, heartbeat=context.heartbeat))
 
-        # (4) guided samples per class toward each target (and toward random mixes of the training domains)
+    def sampling_plan(self, context, targets) -> list[tuple[str, int | None, list[float] | None, int | None]]:
+        """(label, head, mix, the training domain it augments): each target, then the random mixes of the
+        training domains (DG only)."""
         plan = [(f"toward {name}", k, None, augments) for k, (name, _, _, augments) in enumerate(targets)]
-        rng = np.random.RandomState(seed_hash("TGDP-mixes", args.trial_seed))
-        if not self.FEW_SHOT and K > 1:
-            for m in range(hp["tgdp_mixes"]):
-                a = rng.dirichlet(np.ones(K))
+        rng = np.random.RandomState(seed_hash("TGDP-mixes", context.args.trial_seed))
+        if not self.FEW_SHOT and len(targets) > 1:
+            for m in range(self.hparams["tgdp_mixes"]):
+                a = rng.dirichlet(np.ones(len(targets)))
                 plan.append((f"mix {m}", None, [round(float(v), 6) for v in a], targets[int(a.argmax())][3]))
-        h_key = parameters_digest(h)[:24]
-        n_classes, per_class = len(ds.classes), hp["tgdp_per_class"]
+        return plan
+
+    def draw_guided(self, context, backbone, h: GuidanceNet, label: str, head: int | None, mix, per_class: int,
+                    extra_terms=()):
+        """TGDP's guided sampler: ``per_class`` images per class from the pooled model, guided by grad log h
+        toward ``head`` (or the mix), plus ``extra_terms``; cached and charged. Returns (images, requests)."""
+        term = DensityRatioGuidance(h, self.hparams["tgdp_weight"], head=head or 0, mix=mix, use_class=True,
+                                    cache_key=f"tgdp-h:{parameters_digest(h)[:24]}:head={head}:mix={mix}")
+        requests = [Request(class_id=c, domains={}, seed=seed_hash("TGDP", context.args.trial_seed, label, c, i))
+                    for c in range(len(context.dataset.classes)) for i in range(per_class)]
+        images, stats = context.generations.sample(self.sampler(backbone, [term, *extra_terms]), requests,
+                                                   made_by=context.made_by, desc=f"TGDP {label}")
+        stats.charge(context.costs)
+        return images, requests
+
+    def guided_samples(self, context, backbone, h: GuidanceNet, classifier, targets):
+        """(4) guided samples per plan entry, grouped by the training domain they augment, and the classifier's
+        target probability on a probe of them before (same seeds, no guidance) and after guidance."""
+        hp = self.hparams
+        n_classes, per_class = len(context.dataset.classes), hp["tgdp_per_class"]
         generated: dict[int | None, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         extra_terms = self.guidance_terms(context, backbone)  # oracle guidance (TGDP+OG); none for TGDP
         before_p, after_p = [], []
-        for label, head, mix, augments in plan:
-            term = DensityRatioGuidance(h, hp["tgdp_weight"], head=head or 0, mix=mix, use_class=True,
-                                        cache_key=f"tgdp-h:{h_key}:head={head}:mix={mix}")
-            requests = [Request(class_id=c, domains={}, seed=seed_hash("TGDP", args.trial_seed, label, c, i))
-                        for c in range(n_classes) for i in range(per_class)]
-            images, stats = context.generations.sample(self.sampler(backbone, [term, *extra_terms]), requests,
-                                                       made_by=context.made_by, desc=f"TGDP {label}")
-            stats.charge(context.costs)
-            if not hasattr(stats, "made_guidance_evals"):  # a cache that does not count them itself:
-                # one h evaluation per denoiser call (no CFG here), for made and reused images alike
-                context.costs.add("guidance_evals", stats.made_nfe + stats.reused_nfe)
-                context.costs.add("reused_guidance_evals", stats.reused_nfe)
+        for label, head, mix, augments in self.sampling_plan(context, targets):
+            images, requests = self.draw_guided(context, backbone, h, label, head, mix, per_class, extra_terms)
             labels = torch.tensor([r.class_id for r in requests], dtype=torch.long)
             generated.setdefault(augments, []).append((images, labels))
-            # how far guidance moved them: the classifier's target probability, same seeds without guidance
             idx = [c * per_class + i for c in range(n_classes) for i in range(min(hp["tgdp_probe"], per_class))]
             if idx and head is not None:
                 before, b_stats = context.generations.sample(self.sampler(backbone), [requests[i] for i in idx],
@@ -255,16 +273,15 @@ class TGDP(GenerativeAlgorithm):
                 b_stats.charge(context.costs)
                 with torch.no_grad():
                     for imgs, out in ((before, before_p), (images[idx], after_p)):
-                        out.append(torch.sigmoid(classifier(encode(imgs).to(device))[:, head]).cpu())
-        if before_p:
-            metrics["tgdp_target_prob_before"] = torch.cat(before_p).mean().item()
-            metrics["tgdp_target_prob_after"] = torch.cat(after_p).mean().item()
-        for name, value in metrics.items():
-            context.metrics.set(name, value)
+                        out.append(torch.sigmoid(classifier(self.encode(backbone, imgs).to(backbone.device))[:, head]).cpu())
+        return generated, before_p, after_p
 
-        # (5) the guided samples join the training splits
+    def training_splits(self, context, backbone, generated, pool, metrics):
+        """(5) each training domain's split: its real images and the samples guided toward it (a few-shot
+        target's samples spread evenly over the training domains)."""
+        ds, hp = context.dataset, self.hparams
         splits, summary = [], []
-        shared = generated.get(None, [])  # few-shot target: spread evenly over the training domains
+        shared = generated.get(None, [])
         n_train = len(context.train_envs)
         for n, (split, env) in enumerate(zip(context.train_splits, context.train_envs)):
             parts = generated.get(env, []) + [(x[n::n_train], y[n::n_train]) for x, y in shared]

@@ -29,7 +29,6 @@ constant drops out of grad log h, so the unconditional c(z_0) serves the class-c
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
@@ -73,10 +72,10 @@ class DensityRatioConfig:
 # ------------------------------------------------------------------------------------------------
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float().view(-1, 1) * freqs.view(1, -1)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    """Sinusoidal features of t, cos first: [B, dim] (diffusers' own embedding)."""
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    return get_timestep_embedding(t.view(-1), dim, flip_sin_to_cos=True, downscale_freq_shift=0, max_period=max_period)
 
 
 class RatioNet(nn.Module):

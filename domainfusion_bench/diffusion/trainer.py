@@ -64,6 +64,11 @@ class DDPMTrainConfig:
     ema_power: float = 0.75
     snr_gamma: float = 0.0  # >0: min-SNR-gamma loss weighting (Hang et al. 2023); 0: plain MSE on the target
     cond_dropout: float = 0.1  # per-condition dropout (class and domain separately) for classifier-free guidance
+    # share of rows with class AND domain dropped together, on top of cond_dropout (which alone drops both in
+    # only cond_dropout^2 = 1% of rows): trains the null condition that "unconditional" sampling, TGDP's pooled
+    # source and DiTi's frozen model query. 0 (the default) leaves it out of the config's JSON, and so out of
+    # the cache key: the shipped DDPM stays the one a default run asks for
+    null_dropout: float = 0.0
     # >0: trial seeds 0..shared_trials-1 share one DDPM, trained on the images that are in the in-split
     # under EVERY one of those seeds (so it never sees any of their validation images); higher trial
     # seeds train on their own in-split. 0: one DDPM per trial seed.
@@ -75,12 +80,17 @@ class DDPMTrainConfig:
             raise DfbenchError(f"pixel DDPM lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         if not 0 <= self.ema_decay < 1:
             raise DfbenchError(f"pixel DDPM ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
+        if not (0 <= self.cond_dropout < 1 and 0 <= self.null_dropout < 1):
+            raise DfbenchError(f"pixel DDPM cond_dropout and null_dropout are shares of rows in [0, 1), got "
+                               f"{self.cond_dropout} and {self.null_dropout}")
         if self.shared_trials < 0 or self.snr_gamma < 0:
             raise DfbenchError("pixel DDPM shared_trials and snr_gamma must be >= 0 (0: off)")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["model"] = self.model.to_json()
+        if not self.null_dropout:
+            del d["null_dropout"]  # keeps the key of every model trained before the option existed
         return d
 
 
@@ -134,19 +144,15 @@ def default_config(dataset, steps: int | None = None, **overrides) -> DDPMTrainC
     return replace(config, steps=steps) if steps is not None else config
 
 
-class InSplitImages(Dataset):
-    """(image in [0, 1] at ``resolution``, class, domain) for the in-splits of ``train_envs`` only."""
+class SplitImages(Dataset):
+    """(image in [0, 1] at ``resolution``, class, domain) for the given indices of each domain, in the order of
+    ``indices`` (domain -> its indices): the one reader of split images for the DDPM and the helper models."""
 
-    def __init__(self, dataset, train_envs: Sequence[int], trial_seed: int, holdout_fraction: float, resolution: int,
-                 shared_trials: int = 0):
+    def __init__(self, dataset, indices: dict[int, Sequence[int]], resolution: int):
         self.dataset, self.resolution = dataset, resolution
         self.channels = int(dataset.input_shape[0])
-        self.items: list[tuple[int, int]] = []  # (domain, index in that domain)
-        self.index_record: dict[str, list[int]] = {}
-        for env in train_envs:
-            in_idx = training_indices(len(dataset.envs[env]), env, trial_seed, holdout_fraction, shared_trials)
-            self.items += [(env, i) for i in in_idx]
-            self.index_record[dataset.domains[env]] = list(in_idx)
+        self.items: list[tuple[int, int]] = [(env, int(i)) for env, idx in indices.items() for i in idx]
+        self.index_record: dict[str, list[int]] = {dataset.domains[env]: list(idx) for env, idx in indices.items()}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -169,6 +175,24 @@ class InSplitImages(Dataset):
             ys.append(y[idx].long())
             ds.append(torch.full((len(idx),), env, dtype=torch.long))
         return torch.cat(xs), torch.cat(ys), torch.cat(ds)
+
+    def all_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``tensors()``, or every item read and stacked when a domain is not a TensorDataset."""
+        tensors = self.tensors()
+        if tensors is None:
+            items = [self[k] for k in range(len(self))]
+            tensors = (torch.stack([x for x, _, _ in items]), torch.tensor([y for _, y, _ in items], dtype=torch.long),
+                       torch.tensor([d for _, _, d in items], dtype=torch.long))
+        return tensors
+
+
+class InSplitImages(SplitImages):
+    """``SplitImages`` of the in-splits of ``train_envs`` only (see ``training_indices``)."""
+
+    def __init__(self, dataset, train_envs: Sequence[int], trial_seed: int, holdout_fraction: float, resolution: int,
+                 shared_trials: int = 0):
+        super().__init__(dataset, {env: training_indices(len(dataset.envs[env]), env, trial_seed, holdout_fraction,
+                                                         shared_trials) for env in train_envs}, resolution)
 
 
 def _batches(data: InSplitImages, config: DDPMTrainConfig, workers: int) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -319,6 +343,9 @@ def _train(backbone: PixelDDPMBackbone, dataset, train_envs, trial_seed, holdout
         z_t = backbone.add_noise(x * 2 - 1, noise, t)
         drop_class = (torch.rand(b, generator=g) < config.cond_dropout).to(device)
         drop_domain = (torch.rand(b, generator=g) < config.cond_dropout).to(device)
+        if config.null_dropout > 0:  # drawn only when on: a default run's random stream is what it always was
+            both = (torch.rand(b, generator=g) < config.null_dropout).to(device)
+            drop_class, drop_domain = drop_class | both, drop_domain | both
         y = torch.where(drop_class, torch.full_like(y, -1), y)
         w = F.one_hot(d, n_domains).float() * (~drop_domain).float().unsqueeze(1)
         with autocast:

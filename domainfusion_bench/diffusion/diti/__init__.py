@@ -16,6 +16,9 @@ that only high-noise steps need. ``end`` comes from a stage allocation: stage bo
 (50, 100, 300, 500, 1000) get (10, 25, 327, 100, 50) dims, a stage's dims shared out over the blocks
 whose first time step lies in it (the reference's rule: floor(dims / blocks) per block, the stage's
 last block ending exactly at the stage's cumulative total); "uniform" gives every block d / k dims.
+The boundaries are the reference's t on its linear 1000-step schedule; on another schedule each one
+moves to the t with the same alpha-bar (``stage_edges``: 104, 203, 564, 818, 1000 on our cosine pixel
+DDPM), so a stage spans the same noise levels as in the paper.
 
 Gradient modes, as in the reference: ``base`` (every unmasked dim receives gradient), ``stop_grad``
 (only the dims new in block(t) do; the earlier ones are detached), ``dual`` (the sum of both losses).
@@ -55,16 +58,20 @@ from domainfusion_bench.diffusion.diti.schedule import (
     GRAD_MODES,
     STAGES,
     block_end_dims,
+    block_stages,
     block_index,
     loss_weight,
     prefix_masks,
     scaled_dims,
+    reference_alphas_cumprod,
     shift_coefficient,
+    stage_edges,
 )
 
 __all__ = [
     "DiTiEncoder", "DiTiModel", "ShiftBranch", "DiTiConfig", "DiTiObjective", "as_unit", "evaluate_loss",
     "build_model", "encoder_resolution", "pretrain_diti", "format_probe_table", "linear_probe",
-    "probe_slices", "stage_slices", "ALLOCATIONS", "DIMS_PER_STAGE", "GRAD_MODES", "STAGES", "block_end_dims",
-    "block_index", "loss_weight", "prefix_masks", "scaled_dims", "shift_coefficient",
+    "probe_slices", "stage_slices", "ALLOCATIONS", "DIMS_PER_STAGE", "GRAD_MODES", "STAGES", "block_end_dims", "block_stages",
+    "block_index", "loss_weight", "prefix_masks", "reference_alphas_cumprod", "scaled_dims", "shift_coefficient",
+    "stage_edges",
 ]

@@ -17,6 +17,7 @@ from domainfusion_bench.diffusion.diti.schedule import (
     loss_weight,
     prefix_masks,
     shift_coefficient,
+    stage_edges,
 )
 from domainfusion_bench.errors import DfbenchError
 
@@ -59,7 +60,8 @@ class DiTiObjective(nn.Module):
         self.frozen = backbone
         abar = backbone.alphas_cumprod.detach().float().cpu()
         T = len(abar)
-        ends = block_end_dims(T, config.k, config.z_dim, config.allocation)
+        self.stage_edges = stage_edges(abar)
+        ends = block_end_dims(T, config.k, config.z_dim, config.allocation, stages=self.stage_edges)
         visible, new = prefix_masks(ends, config.z_dim)
         self.end_dims = ends
         self.register_buffer("blocks", block_index(T, config.k), persistent=False)
@@ -67,6 +69,7 @@ class DiTiObjective(nn.Module):
         self.register_buffer("new", new, persistent=False)
         self.register_buffer("shift", shift_coefficient(abar), persistent=False)
         self.register_buffer("weight", loss_weight(abar, config.snr_gamma), persistent=False)
+        self.nfe = 0  # frozen-denoiser calls so far, one per image (a caller charges them as NFEs)
 
     @property
     def num_timesteps(self) -> int:
@@ -77,6 +80,7 @@ class DiTiObjective(nn.Module):
 
     @torch.no_grad()
     def frozen_eps(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.nfe += len(z_t)
         return self.frozen.eps(z_t, t, self.null_condition(len(z_t))).float()
 
     def eps_hat(self, branch: nn.Module, z_t: torch.Tensor, t: torch.Tensor, z_masked: torch.Tensor,

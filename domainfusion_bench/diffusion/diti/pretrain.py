@@ -77,6 +77,6 @@ def pretrain_diti(backbone: Backbone, images: torch.Tensor, config: DiTiConfig, 
     tail = losses[-50:] or [float("nan")]
     info = {"train_seconds": seconds, "final_loss": sum(tail) / len(tail), "eval_loss": eval_loss,
             "eval_frozen_loss": eval_frozen, "steps": config.steps, "n_images": len(images),
-            "end_dims": objective.end_dims, "config": config.to_json(), "device": str(device),
+            "end_dims": objective.end_dims, "stage_edges": objective.stage_edges, "config": config.to_json(), "device": str(device),
             "z_mean": z.mean(0).tolist(), "z_std": z.std(0).nan_to_num(1.0).clamp(min=1e-6).tolist()}
     return encoder.requires_grad_(False), branch.requires_grad_(False), info

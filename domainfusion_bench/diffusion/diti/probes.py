@@ -9,21 +9,23 @@ import torch
 from domainfusion_bench.diffusion.diti.schedule import STAGES
 
 
-def stage_slices(end_dims: Sequence[int], num_timesteps: int, k: int, stages: Sequence[int] = STAGES) -> list[dict[str, Any]]:
-    """Per stage of time steps: the z slice that becomes visible there (the dims of the blocks whose first
+def stage_slices(end_dims: Sequence[int], num_timesteps: int, k: int, stages: Sequence[int] = STAGES,
+                 reference: Sequence[int] = STAGES) -> list[dict[str, Any]]:
+    """Per stage of time steps (``stages``: its edges on this schedule; ``reference``: the same edges as the
+    reference's t, in ``ref``): the z slice that becomes visible there (the dims of the blocks whose first
     time step lies in the stage), then the prefixes (all that is visible by each stage's end), then all of z."""
     first_t = [-(-b * num_timesteps // k) for b in range(k)]  # ceil(b T / k): block b's first time step
-    rows, lo_t = [], 0
-    for hi_t in stages:
+    rows, lo_t, lo_ref = [], 0, 0
+    for hi_t, hi_ref in zip(stages, reference):
         members = [b for b in range(k) if lo_t <= first_t[b] < hi_t]
         if members:
             b0, b1 = members[0], members[-1]
-            rows.append({"slice": f"t {lo_t}-{hi_t}", "blocks": f"{b0}-{b1}",
+            rows.append({"slice": f"t {lo_t}-{hi_t}", "ref": f"{lo_ref}-{hi_ref}", "blocks": f"{b0}-{b1}",
                          "dims": (end_dims[b0 - 1] if b0 else 0, end_dims[b1])})
-        lo_t = hi_t
-    prefixes = [{"slice": f"t < {r['slice'].split('-')[1]} (prefix)", "blocks": f"0-{r['blocks'].split('-')[1]}",
-                 "dims": (0, r["dims"][1])} for r in rows[1:-1]]
-    return rows + prefixes + [{"slice": "all", "blocks": f"0-{k - 1}", "dims": (0, end_dims[-1])}]
+        lo_t, lo_ref = hi_t, hi_ref
+    prefixes = [{"slice": f"t < {r['slice'].split('-')[1]} (prefix)", "ref": f"< {r['ref'].split('-')[1]}",
+                 "blocks": f"0-{r['blocks'].split('-')[1]}", "dims": (0, r["dims"][1])} for r in rows[1:-1]]
+    return rows + prefixes + [{"slice": "all", "ref": "all", "blocks": f"0-{k - 1}", "dims": (0, end_dims[-1])}]
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -53,9 +55,11 @@ def probe_slices(z_fit: torch.Tensor, y_fit: torch.Tensor, d_fit: torch.Tensor, 
 
 
 def format_probe_table(rows: Sequence[dict[str, Any]], n_classes: int, n_domains: int) -> str:
-    head = f"{'slice':<22} {'blocks':>7} {'dims':>9} {'class acc':>10} {'domain acc':>11}"
+    head = f"{'slice':<22} {'ref t':>9} {'blocks':>7} {'dims':>9} {'class acc':>10} {'domain acc':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['slice']:<22} {r['blocks']:>7} {r['dims']:>9} {r['class_acc']:>10.3f} {r['domain_acc']:>11.3f}")
+        lines.append(f"{r['slice']:<22} {r['ref']:>9} {r['blocks']:>7} {r['dims']:>9} {r['class_acc']:>10.3f} "
+                     f"{r['domain_acc']:>11.3f}")
+    lines.append("(ref t: the stage's time steps on the reference's linear schedule, matched by alpha-bar)")
     lines.append(f"(chance: class {1 / n_classes:.3f}, domain {1 / max(n_domains, 1):.3f})")
     return "\n".join(lines)

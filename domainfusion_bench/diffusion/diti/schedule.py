@@ -10,10 +10,30 @@ import torch
 
 from domainfusion_bench.errors import DfbenchError
 
+# the reference's stage edges, tuned on its schedule (``reference_alphas_cumprod``); ``stage_edges`` moves them
+# onto another schedule by alpha-bar
 STAGES = (50, 100, 300, 500, 1000)
 DIMS_PER_STAGE = (10, 25, 327, 100, 50)
 GRAD_MODES = ("base", "stop_grad", "dual")
 ALLOCATIONS = ("stages", "uniform")
+
+
+def reference_alphas_cumprod() -> torch.Tensor:
+    """The schedule STAGES were tuned on: DDPM's linear betas 1e-4 .. 0.02 over 1000 steps (float64)."""
+    return torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+
+
+def stage_edges(alphas_cumprod: torch.Tensor, stages: Sequence[int] = STAGES) -> list[int]:
+    """The reference's stage edges on this schedule, matched by alpha-bar: an edge t (its stage holds the time
+    steps below t) becomes the first time step here whose abar is at or below the reference's abar_t; the
+    last edge is T. The identity on the reference's own schedule; on the cosine schedule of our pixel DDPM
+    (50, 100, 300, 500, 1000) become (104, 203, 564, 818, 1000): the same noise levels, not the same t."""
+    reference = reference_alphas_cumprod()
+    if list(stages)[-1] != len(reference) or any(not 0 < e < len(reference) for e in list(stages)[:-1]):
+        raise DfbenchError(f"DiTi stages {list(stages)} must be reference time steps in (0, {len(reference)}), "
+                           f"the last one {len(reference)}")
+    abar = alphas_cumprod.detach().double().cpu()
+    return [int((abar > reference[e]).sum()) for e in list(stages)[:-1]] + [len(abar)]
 
 
 def block_index(num_timesteps: int, k: int) -> torch.Tensor:
@@ -35,6 +55,13 @@ def scaled_dims(dims: Sequence[int], z_dim: int) -> list[int]:
     return out
 
 
+def block_stages(num_timesteps: int, k: int, stages: Sequence[int] = STAGES) -> list[int]:
+    """The stage of each block: the one its first time step lies in (``stages``: edges on this schedule)."""
+    blocks = block_index(num_timesteps, k)
+    first_t = [int((blocks == b).nonzero()[0]) for b in range(k)]
+    return [next(s for s, edge in enumerate(stages) if t < edge) for t in first_t]
+
+
 def block_end_dims(num_timesteps: int, k: int, z_dim: int, allocation: str = "stages",
                    stages: Sequence[int] = STAGES, dims_per_stage: Sequence[int] = DIMS_PER_STAGE) -> list[int]:
     """end(b) for b = 0..k-1: block b's branch input is the prefix z[0:end(b)] (non-decreasing, end(k-1) = z_dim)."""
@@ -48,9 +75,7 @@ def block_end_dims(num_timesteps: int, k: int, z_dim: int, allocation: str = "st
     if len(stages) != len(dims) or stages != sorted(stages) or stages[-1] != num_timesteps:
         raise DfbenchError(f"DiTi stages {stages} must increase, end at T={num_timesteps} and match the "
                            f"{len(dims)} dims_per_stage")
-    blocks = block_index(num_timesteps, k)
-    first_t = [int((blocks == b).nonzero()[0]) for b in range(k)]
-    stage_of = [next(s for s, edge in enumerate(stages) if t < edge) for t in first_t]
+    stage_of = block_stages(num_timesteps, k, stages)
     ends = []
     for b in range(k):
         s = stage_of[b]

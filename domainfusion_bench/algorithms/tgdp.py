@@ -247,6 +247,8 @@ class TGDP(GenerativeAlgorithm):
                 context.costs.add("reused_guidance_evals", stats.reused_nfe)
             labels = torch.tensor([r.class_id for r in requests], dtype=torch.long)
             generated.setdefault(augments, []).append((images, labels))
+            self.keep_preview(context, images, augments, requests=requests, target=label,
+                              sampler=self.sampler(backbone, [term, *extra_terms]))
             # how far guidance moved them: the classifier's target probability, same seeds without guidance
             idx = [c * per_class + i for c in range(n_classes) for i in range(min(hp["tgdp_probe"], per_class))]
             if idx and head is not None:

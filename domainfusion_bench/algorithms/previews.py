@@ -69,8 +69,7 @@ def keep_preview(self, context, images: torch.Tensor, env: int | None, *, reques
     kept = [p for p in previews if (p.stage, p.domain) == (stage, domain)]
     if any(p.kind != "unknown" for p in kept):
         return
-    for p in kept:  # the after_generation fallback (no metadata) gives way
-        previews.remove(p)
+    previews[:] = [p for p in previews if not any(p is k for k in kept)]  # the fallback (no metadata) gives way
     idx = pick(requests, context.test_envs, bool(self.ORACLE))
     chosen = [requests[i] for i in idx]
     labels = torch.tensor([r.class_id for r in chosen], dtype=torch.long)

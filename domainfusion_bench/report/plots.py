@@ -75,7 +75,7 @@ def _number_points(ax, fig, pts, styles):
     boxes = place_labels(xy, sizes, (bbox.x0, bbox.y0, bbox.x1, bbox.y1), marker=4 * px)
     for (x, y, alg), (x0, y0), box in zip(pts, xy, boxes):
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        far = math.hypot(cx - x0, cy - y0) > 1.6 * max(box[2] - box[0], box[3] - box[1])
+        far = math.hypot(cx - x0, cy - y0) > 1.2 * max(box[2] - box[0], box[3] - box[1])
         ax.annotate(str(styles[alg].number), (x, y), xytext=((cx - x0) / px, (cy - y0) / px),
                     textcoords="offset points", ha="center", va="center", fontsize=LABEL_PT,
                     color="#222", arrowprops={"arrowstyle": "-", "color": "#888", "lw": 0.6} if far else None)
@@ -96,7 +96,8 @@ def plot_cost(board: Leaderboard, method: str, styles: dict[str, Style]) -> str 
     from matplotlib.ticker import ScalarFormatter
 
     datasets = sorted(costs["dataset"].unique())
-    fig, axes = plt.subplots(len(datasets), len(xs), figsize=(5.2 * len(xs), 4.2 * len(datasets)), squeeze=False)
+    tall = 4.2 + 0.07 * max(0, len(styles) - 15)  # room for the numbers of many rows
+    fig, axes = plt.subplots(len(datasets), len(xs), figsize=(5.2 * len(xs), tall * len(datasets)), squeeze=False)
     plotted = []
     for row, dataset in zip(axes, datasets):
         sub = costs[costs["dataset"] == dataset]

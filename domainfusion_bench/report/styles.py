@@ -7,7 +7,7 @@ so ``CDGA+OG`` and ``CDGA*`` are CDGA variants, ``MixStyle`` and ``EFDM`` share 
 and a user's ``MyCDGA(CDGA)`` lands in CDGA's family. A class may name its family with a ``FAMILY``
 attribute. Rows that name no registered algorithm (DomainBed runs, labels such as ``CDGA* [oracle]``
 are first stripped of their ``[...]`` tag) join the family of the longest registered name they start
-with, else make their own.
+with, else the family of their stem (``MyMethod-v2``: ``MyMethod``).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def family_of(name: str) -> str:
     prefixes = [n for n in ALGORITHMS.names() if bare.startswith(n) and n != bare]
     if prefixes:
         return family_of_class(ALGORITHMS.get(max(prefixes, key=len)))
-    return bare
+    return re.split(r"[-+*_ ]", bare, maxsplit=1)[0] or bare  # "MyMethod-v2" -> MyMethod
 
 
 def _depth(name: str) -> int:

@@ -26,7 +26,7 @@ INDEX = "index.json"
 KINDS = ("img2img", "pure", "unknown")
 
 
-@dataclass
+@dataclass(eq=False)  # strips hold tensors: compare by identity
 class PreviewStrip:
     images: Any  # uint8 [N, C, H, W] (torch or numpy)
     stage: str

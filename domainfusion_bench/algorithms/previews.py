@@ -27,15 +27,15 @@ def target_of(request: Request) -> int | None:
 
 
 def pick(requests: Sequence[Request], test_envs: Sequence[int], oracle: bool, n: int = PREVIEW_IMAGES) -> list[int]:
-    """Indices of the preview's requests: distinct sources toward one target, the held-out one for oracle
-    rows (what makes them oracles), else the first request's target; filled up with the rest."""
+    """Indices of the preview's requests: up to ``n`` toward one target (distinct sources where the
+    requests go source by source), the held-out one for oracle rows (what makes them oracles), else the
+    first request's target."""
     if not requests:
         return []
     targets = [target_of(r) for r in requests]
     held = [t for t in targets if t in test_envs]
     want = held[0] if oracle and held else targets[0]
-    first = [i for i, t in enumerate(targets) if t == want][:n]
-    return first + [i for i in range(len(requests)) if i not in first][:n - len(first)]
+    return [i for i, t in enumerate(targets) if t == want][:n]
 
 
 def _judge(algorithm, context, images: torch.Tensor, labels: torch.Tensor) -> list[bool] | None:
@@ -47,13 +47,15 @@ def _judge(algorithm, context, images: torch.Tensor, labels: torch.Tensor) -> li
     return [bool(v) for v in oracle(images.float() / 255.0, labels)]
 
 
-def _domain_text(context, domains: dict[int, float]) -> str:
+def _target_text(context, chosen: Sequence[Request]) -> str:
     names = context.dataset.domains
-    if not domains:
+    targets = list(dict.fromkeys(target_of(r) for r in chosen))
+    if targets == [None]:
         return "no domain condition"
-    if len(domains) == 1:
-        return names[next(iter(domains))]
-    return " + ".join(f"{w:.2f} {names[d]}" for d, w in sorted(domains.items(), key=lambda kv: -kv[1]))
+    text = ", ".join(names[t] for t in targets if t is not None)
+    if any(len(r.domains) > 1 for r in chosen):  # CDGA's interpolation: a mix drawn per image
+        text += " (mixed with the source domain, a weight per image)"
+    return text
 
 
 def keep_preview(self, context, images: torch.Tensor, env: int | None, *, requests: Sequence[Request],
@@ -78,7 +80,7 @@ def keep_preview(self, context, images: torch.Tensor, env: int | None, *, reques
     sources = quantize(torch.stack([r.source.cpu() for r in chosen])) if img2img else None
     held = set(context.test_envs)
     common = {"stage": stage, "domain": domain, "kind": "img2img" if img2img else "pure",
-              "target": target or _domain_text(context, chosen[0].domains),
+              "target": target or _target_text(context, chosen),
               "oracle_target": any(d in held for r in chosen for d in r.domains), "group": f"{stage}-{domain}",
               "sources": sources}
     shown_terms = [type(t).__name__ for t in sampler.guidance]

@@ -75,9 +75,10 @@ def write_previews(run_dir: Path, strips: list[PreviewStrip]) -> Path:
     for s in strips:
         if s.name in entries:
             continue
-        file, src = f"{s.name}.png", (f"{s.name}.sources.png" if s.sources is not None else None)
+        # a group's strips share their sources: one file for them all
+        file, src = f"{s.name}.png", (f"{s.group or s.name}.sources.png" if s.sources is not None else None)
         _tile_png(s.images, folder / file)
-        if src:
+        if src and not (folder / src).exists():
             _tile_png(s.sources, folder / src)
         meta = {k: v for k, v in asdict(s).items() if k not in ("images", "sources")}
         entries[s.name] = {"name": s.name, "file": file, "sources_file": src, "n": len(s.images), **meta,

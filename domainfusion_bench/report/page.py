@@ -25,6 +25,7 @@ table{border-collapse:separate;border-spacing:0;font-size:.88em}
 th,td{padding:.25em .7em;text-align:right;border-bottom:1px solid #e4e4e4;white-space:nowrap;background:#fff}
 thead th{border-bottom:2px solid #444;white-space:normal;vertical-align:bottom;min-width:4.5em}
 th:first-child,td:first-child{text-align:left;position:sticky;left:0;z-index:1;border-right:1px solid #ddd}
+table.costs,table.metrics{font-size:.8em}table.costs td,table.costs th{padding:.25em .5em}
 td.best{font-weight:bold}td.missing{color:#b00}
 .notes{font-size:.85em;color:#555;margin:0 0 1em 1em}.summary{color:#444}
 img.plot{max-width:100%;height:auto;border:1px solid #eee;margin:.5em 0}
@@ -55,7 +56,7 @@ def legend(styles: dict[str, Style]) -> str:
 
 
 def html_table(table: Table, styles: dict[str, Style]) -> str:
-    out = ['<div class="scroll"><table>', "<thead><tr><th>Algorithm</th>"
+    out = [f'<div class="scroll"><table class="{esc(table.kind)}">', "<thead><tr><th>Algorithm</th>"
            + "".join(f"<th>{esc(c)}</th>" for c in table.columns) + "</tr></thead>", "<tbody>"]
     best = {}
     if table.kind not in ("costs", "metrics"):

@@ -93,7 +93,7 @@ def plot_cost(board: Leaderboard, method: str, styles: dict[str, Style]) -> str 
         costs = costs.assign(cost_generated_images=costs["cost_generated_images"].fillna(0.0))  # no key: none made
         xs.append(("cost_generated_images", "generated images per run", "symlog"))
     plt = pyplot()
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, ScalarFormatter
 
     datasets = sorted(costs["dataset"].unique())
     tall = 4.2 + 0.07 * max(0, len(styles) - 15)  # room for the numbers of many rows
@@ -118,6 +118,7 @@ def plot_cost(board: Leaderboard, method: str, styles: dict[str, Style]) -> str 
             elif scale == "symlog" and len(values) and values.max() > 10:
                 ax.set_xscale("symlog", linthresh=10)
             ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # not 2x10^2 on a short log axis
             ax.margins(x=0.15, y=0.12)
             ax.set_xlabel(label, fontsize=8)
             ax.set_ylabel("dataset average test accuracy (%)", fontsize=8)

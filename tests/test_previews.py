@@ -136,3 +136,18 @@ def test_bad_preview_strips_say_what_is_wrong(tmp_path):
     with pytest.raises(ValueError, match="must be uint8"):
         runfiles.write_previews(tmp_path, [runfiles.PreviewStrip(np.zeros((2, 1, 4, 4), np.float32), "b", "p")])
 
+
+
+def test_a_method_without_keep_preview_still_shows_its_images_and_keep_preview_replaces_them():
+    alg, ctx = fake()
+    images = torch.zeros(10, 1, 4, 4, dtype=torch.uint8)
+    GenerativeAlgorithm.after_generation(alg, ctx, images, torch.zeros(10), 1)
+    (strip,) = ctx.previews
+    assert (strip.kind, strip.domain, len(strip.images)) == ("unknown", "inverted", PREVIEW_IMAGES)
+    reqs = requests_from(1, [2])
+    keep_preview(alg, ctx, images_for(reqs), 1, requests=reqs, sampler=SimpleNamespace(guidance=[]), strength=0.5)
+    assert [s.kind for s in ctx.previews] == ["img2img"]  # the described strip, not both
+    # once the stage keeps described strips, its other domains' batches add no undescribed ones (TGDP-FS
+    # keeps one shared strip, then hands each training domain its share)
+    GenerativeAlgorithm.after_generation(alg, ctx, images, torch.zeros(10), 2)
+    assert [s.kind for s in ctx.previews] == ["img2img"]

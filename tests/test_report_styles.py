@@ -62,6 +62,8 @@ def test_every_row_has_its_own_colour_and_a_family_keeps_its_hue(extra):
         hues = {round(_hue(s.color), 2) for s in members}
         assert len(hues) == 1 or max(hues) - min(hues) < 0.03, (fam, [s.color for s in members])
         assert len({s.marker for s in members}) == min(len(members), 10), fam  # a marker per variant
+        rgb = [mcolors.to_rgb(s.color) for s in members]  # shades a reader can tell apart, not 1-bit nudges
+        assert all(sum((a - b) ** 2 for a, b in zip(p, q)) ** 0.5 > 0.05 for i, p in enumerate(rgb) for q in rgb[:i])
     roots = [s.color for s in st.values() if s.variant == 0]
     assert len(set(roots)) == len(roots)  # families differ in hue
     assert styles_for(names) == st  # the same rows give the same styles in every plot and table

@@ -87,7 +87,8 @@ class GenerativeAlgorithm(ERM):
             return
         previews = getattr(context, "previews", None)
         domain = context.dataset.domains[env]
-        if previews is not None and not any((p.stage, p.domain) == (round_name, domain) for p in previews):
+        if previews is not None and not any(p.stage == round_name and (p.domain == domain or p.kind != "unknown")
+                                            for p in previews):
             # a method that does not call keep_preview still shows something (without what it is)
             previews.append(PreviewStrip(images[:PREVIEW_IMAGES].cpu(), round_name, domain))
         if self.hparams.get("og_measure"):

@@ -89,7 +89,8 @@ def _legacy(folder: Path) -> list[str]:
     for png in sorted(folder.glob("*.png")):
         data = base64.b64encode(png.read_bytes()).decode("ascii")
         parts.append(f'<figure><img class="strip" alt="{esc(png.stem)}" src="data:image/png;base64,{data}">'
-                     f"<figcaption>{esc(png.stem)} (no metadata: written before previews/index.json)</figcaption></figure>")
+                     f"<figcaption>{esc(png.stem)} (no metadata: written before previews/index.json)"
+                     "</figcaption></figure>")
     return parts
 
 
@@ -111,8 +112,9 @@ def preview_gallery(root: str | Path, per_algorithm: int = 1, styles: dict[str, 
                 args = records[0].get("args", {}) if records else {}
                 style = next((s for s in (styles or {}).values() if s.name.split(" [")[0] == alg), None)
                 swatch = marker_svg(style) + " " if style else ""
+                held, trial = esc(str(args.get("test_envs"))), esc(str(args.get("trial_seed")))
                 parts.append(f'<h3 class="gallery-run">{swatch}{esc(alg)} on {esc(dataset)} '
-                             f"(held out: {esc(str(args.get('test_envs')))}, trial {esc(str(args.get('trial_seed')))})</h3>")
+                             f"(held out: {held}, trial {trial})</h3>")
                 strips = runfiles.read_previews(folder.parent)
                 if not strips:
                     parts += _legacy(folder)

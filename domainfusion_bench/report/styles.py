@@ -122,9 +122,10 @@ def styles_for(names: Iterable[str]) -> dict[str, Style]:
     for r in names:
         st = out[r]
         color, k = st.color, 0
-        while color in seen:
+        while color in seen:  # a finer shade, then a hue a step off: always ends
             k += 1
-            color = shade(st.color, 1 + k % (2 + k), 3 + k)
+            h, l, sat = colorsys.rgb_to_hls(*mcolors.to_rgb(shade(st.color, 1 + k % (2 + k), 3 + k)))
+            color = mcolors.to_hex(colorsys.hls_to_rgb((h + 0.004 * (k // 8)) % 1.0, l, sat))
         seen.add(color)
         if color != st.color:
             out[r] = Style(st.number, st.name, st.family, color, st.marker, st.variant)

@@ -93,15 +93,21 @@ def family_hues(n: int) -> list[str]:
 
 
 def shade(color: str, variant: int, n_variants: int) -> str:
-    """The family colour for variant 0; the others take evenly spaced lightnesses in [0.25, 0.75] (the
-    one nearest the family colour's own left out), so shades stay visible on white and distinct."""
+    """The family colour for variant 0; the others the same hue at lightnesses a whole step apart from it
+    and from each other (nearest first, darker then lighter), inside [0.15, 0.85] so they stay visible."""
     if variant == 0 or n_variants < 2:
         return mcolors.to_hex(color)
     h, l, s = colorsys.rgb_to_hls(*mcolors.to_rgb(color))
-    levels = [0.25 + 0.5 * k / (n_variants - 1) for k in range(n_variants)]
-    levels.remove(min(levels, key=lambda x: abs(x - l)))
-    levels.sort(key=lambda x: abs(x - l))  # variant 1 closest to the family colour, the last furthest
-    return mcolors.to_hex(colorsys.hls_to_rgb(h, levels[variant - 1], s))
+    lo, hi = 0.15, 0.85
+    base = min(max(l, lo), hi)
+    step = min(0.16, (hi - lo) / n_variants)
+    while True:  # ends: a smaller step fits more levels on both sides of base
+        ks = [k for k in range(-n_variants, n_variants + 1) if k and lo <= base + k * step <= hi]
+        if len(ks) >= n_variants - 1:
+            break
+        step *= 0.9
+    ks.sort(key=lambda k: (abs(k), k))
+    return mcolors.to_hex(colorsys.hls_to_rgb(h, base + ks[variant - 1] * step, s))
 
 
 def styles_for(names: Iterable[str]) -> dict[str, Style]:

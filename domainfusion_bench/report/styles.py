@@ -94,13 +94,13 @@ def family_hues(n: int) -> list[str]:
 
 def shade(color: str, variant: int, n_variants: int) -> str:
     """The family colour for variant 0; the others the same hue at lightnesses a whole step apart from it
-    and from each other (nearest first, darker then lighter), inside [0.15, 0.85] so they stay visible."""
+    and from each other (nearest first, darker then lighter), inside [0.2, 0.8] so they stay visible."""
     if variant == 0 or n_variants < 2:
         return mcolors.to_hex(color)
     h, l, s = colorsys.rgb_to_hls(*mcolors.to_rgb(color))
-    lo, hi = 0.15, 0.85
+    lo, hi = 0.2, 0.8
     base = min(max(l, lo), hi)
-    step = min(0.16, (hi - lo) / n_variants)
+    step = min(0.12, (hi - lo) / n_variants)
     while True:  # ends: a smaller step fits more levels on both sides of base
         ks = [k for k in range(-n_variants, n_variants + 1) if k and lo <= base + k * step <= hi]
         if len(ks) >= n_variants - 1:

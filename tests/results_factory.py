@@ -96,3 +96,25 @@ def make_sweep(root: Path, datasets: dict[str, Sequence[str]], algorithms: Seque
                             recs.append(rec)
                         write_run(root, name, recs, domains=domains if style == "dfbench" else None)
     return root
+
+
+def write_fake_previews(run: Path, domains: Sequence[str], og: bool = False, oracle: bool = False,
+                        kind: str = "img2img", n: int = 8, seed: int = 0) -> None:
+    """A run's previews/ as a generative method writes them (random 8x8 images), through the real writer:
+    per training domain one group; +OG runs also their unguided and round strips; some images judged invalid."""
+    import numpy as np
+
+    from domainfusion_bench.runfiles import PreviewStrip, write_previews
+
+    rng = np.random.default_rng(seed)
+    strips = []
+    for d, domain in enumerate(domains[1:]):
+        target = domains[0] if oracle else domains[1 + (d + 1) % (len(domains) - 1)]
+        sources = rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8) if kind == "img2img" else None
+        levels = ["unguided", "round1", "distilled"] if og else [None]
+        for og_label in levels:
+            strips.append(PreviewStrip(rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8), "base", domain, kind,
+                                       target=target, sources=sources, og=og_label, oracle_target=oracle,
+                                       group=f"base-{domain}", valid=[bool(k % 3) for k in range(n)],
+                                       guidance=[] if og_label in (None, "unguided") else ["ValidityGuidance"]))
+    write_previews(run, strips)

@@ -82,12 +82,13 @@ def test_synthetic_images_are_in_the_training_batches(tmp_path, monkeypatch):
     made_rows = {row.numpy().tobytes() for row in made.flatten(1)}
     hits = sum(row.numpy().tobytes() in made_rows for row in batches.flatten(1)) / len(batches)
     assert 0.3 < hits < 0.7  # cdga_synthetic_fraction 0.5 of every draw is a generated image
-    previews = list((tmp_path / "run" / runfiles.PREVIEWS).glob("*.png"))
-    assert len(previews) == 3  # one strip per training domain
+    strips = runfiles.read_previews(tmp_path / "run")  # one strip per training domain, with what it is
+    assert len(strips) == 3 and {s["kind"] for s in strips} == {"img2img"} and all(s["sources_file"] for s in strips)
+    assert all(s["valid"] is not None and len(s["valid"]) == s["n"] for s in strips)  # judged by the oracle
     from domainfusion_bench.report import preview_gallery
 
     gallery = preview_gallery(tmp_path)  # the HTML leaderboard's "Generated images" section
-    assert gallery.count("<img") == 3 and "CDGA on DigitStyles" in gallery
+    assert gallery.count('class="strip-head"') == 3 and "CDGA on DigitStyles" in gallery
 
 
 def test_cdga_generates_trains_and_records_its_cost(cdga_runs):

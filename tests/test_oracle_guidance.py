@@ -228,7 +228,30 @@ def digit_runs(tmp_path_factory):
                         data_dir=str(root / "data"), hparams=json.dumps({**DIGITS, "og_rounds": rounds}),
                         num_workers=0, device="cpu", skip_model_save=True, output_dir=str(root / name)))
         out[name] = _last_record(root / name)
+    out["dirs"] = {name: root / name for name in ("unguided", "guided")}
     return out
+
+
+def test_cdga_og_previews_the_same_sources_unguided_and_per_round(digit_runs):
+    from PIL import Image
+
+    from domainfusion_bench import runfiles
+
+    strips = runfiles.read_previews(digit_runs["dirs"]["guided"])
+    groups = {}
+    for s in strips:
+        groups.setdefault(s["group"], []).append(s)
+    assert len(groups) == 3  # one per training domain
+    assert all("(mixed with the source domain" in s["target"] for s in strips)  # cdga_interpolation
+    for group in groups.values():
+        assert [s["og"] for s in group] == ["unguided", "round1", "round2", "distilled"]
+        assert len({s["sources_file"] for s in group}) == 1 and all(s["kind"] == "img2img" for s in group)
+        assert all(len(s["valid"]) == s["n"] for s in group)  # each image judged by the oracle
+        folder = digit_runs["dirs"]["guided"] / runfiles.PREVIEWS
+        pixels = {s["og"]: Image.open(folder / s["file"]).tobytes() for s in group}
+        assert pixels["unguided"] != pixels["distilled"]  # guidance changed the images
+    # without rounds the training images are the unguided ones, said so
+    assert {s["og"] for s in runfiles.read_previews(digit_runs["dirs"]["unguided"])} == {"unguided"}
 
 
 def test_cdga_og_records_invalid_rates_per_round_and_costs(digit_runs):

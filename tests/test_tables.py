@@ -114,6 +114,20 @@ def test_fewer_trials_are_shown_and_explained():
     assert "70.0 +/- 0.0 (n=1)" in text
 
 
+def test_one_trial_reads_n1_for_people_and_keeps_domainbeds_zero_bar_in_text_and_latex():
+    recs = [r for r in hand_records() if r["args"]["trial_seed"] == 0]  # one trial: 80 (left), 60 (right)
+    board = hand_board(recs, selections=["iid"])
+    md, text, tex = render(board, "markdown"), render(board, "text"), render(board, "latex")
+    page = render_html(board)
+    assert "| ERM | 80.0 (n=1) | 60.0 (n=1) | 70.0 (n=1) |" in md and "±" not in md.split("## ")[1]
+    assert "80.0 (n=1)" in page and "± 0.0" not in page and "(n=1): one trial" in page
+    assert re.search(r"^ERM\s+80\.0 \+/- 0\.0\s+60\.0 \+/- 0\.0\s+70\.0$", text, re.M) and "(n=1)" not in text
+    assert "80.0 $\\pm$ 0.0" in tex and "(n=1)" not in tex
+    # with more trials than this cell has, every format says so (the table's usual "(n=k)")
+    short = render(hand_board(hand_records(drop_trial1_env1=True), selections=["iid"]), "markdown")
+    assert "60.0 (n=1)" in short and "85.0 ± 3.5" in short
+
+
 def test_missing_cell_is_X_with_reason_and_avg_is_X():
     # Another algorithm holds out env 1, so the column stays and ERM's cell there is X, with the reason.
     recs = [r for r in hand_records() if r["args"]["test_envs"] != [1]]
@@ -274,7 +288,8 @@ def test_csv_and_json_long_form(sweep):
 def test_html_is_self_contained(sweep, tmp_path):
     out = write_leaderboard(sweep, tmp_path / "board.html")
     page = out.read_text()
-    assert page.startswith("<!DOCTYPE html>") and page.count("data:image/png;base64,") == 2
+    # one domain plot per dataset (Digits, Rot) and the cost plot
+    assert page.startswith("<!DOCTYPE html>") and page.count("data:image/png;base64,") == 3
     assert not re.search(r"(src|href)=\"(https?:)?//", page)
     assert "Accuracy vs cost" in page and "Averages" in page
 

@@ -93,6 +93,7 @@ class CDGA(GenerativeAlgorithm):
             stats.charge(context.costs)
             labels = torch.tensor([r.class_id for r in requests], dtype=torch.long)
             self.after_generation(context, images, labels, env)
+            self.keep_preview(context, images, env, requests=requests, sampler=sampler, strength=hp["cdga_strength"])
             mixed = mixed_split(split, images, labels, hp["cdga_synthetic_fraction"])
             splits.append(mixed)
             summary.append(f"{ds.domains[env]}: {len(split)} real + {len(images)} synthetic, drawn "

@@ -276,6 +276,8 @@ class DomainFusion(GenerativeAlgorithm):
             if images.shape[1] != channels:
                 raise DfbenchError(f"the backbone made {images.shape[1]}-channel images for {channels}-channel {ds.name}")
             self.after_generation(context, images, labels, env, "pool")
+            self.keep_preview(context, images, env, requests=requests, strength=self.hparams["df_strength"], stage="pool",
+                              sampler=self.sampler(self._diffusion, self.guidance_terms(context, self._diffusion)))
             self._pools.append({"images": images, "labels": labels, "sources": torch.tensor(chosen, dtype=torch.long)})
 
     def refresh_period(self, context) -> int:

@@ -16,14 +16,13 @@ from typing import Any, Sequence
 import torch
 
 from domainfusion_bench.algorithms.erm import ERM
+from domainfusion_bench.algorithms.previews import PREVIEW_IMAGES, PreviewStrip, keep_preview
 from domainfusion_bench.algorithms.validity import judge_generation, oracle_classifier, oracle_hparams
 from domainfusion_bench.diffusion import DDIMSampler, LeakageGuard, SamplerConfig, build_backbone
 from domainfusion_bench.diffusion.backbones import Backbone, resize
 from domainfusion_bench.diffusion.cache import quantize
 from domainfusion_bench.diffusion.samplers import GuidanceTerm
 from domainfusion_bench.diffusion.trainer import DEFAULT_STEPS, default_config
-
-PREVIEW_IMAGES = 8  # per (stage, domain) in the run's previews/ folder and the HTML leaderboard
 
 
 class GenerativeAlgorithm(ERM):
@@ -86,12 +85,23 @@ class GenerativeAlgorithm(ERM):
         Keeps a few for the run's previews; validity-measuring variants judge them here."""
         if not len(images):
             return
-        name = f"{round_name}-{context.dataset.domains[env]}"
         previews = getattr(context, "previews", None)
-        if previews is not None and name not in previews:
-            previews[name] = images[:PREVIEW_IMAGES].cpu()
+        domain = context.dataset.domains[env]
+        if previews is not None and not any(p.stage == round_name and (p.domain == domain or p.kind != "unknown")
+                                            for p in previews):
+            # a method that does not call keep_preview still shows something (without what it is)
+            previews.append(PreviewStrip(images[:PREVIEW_IMAGES].cpu(), round_name, domain))
         if self.hparams.get("og_measure"):
             judge_generation(self, context, images, labels, env, round_name)
+
+    # --- previews (the HTML leaderboard's "Generated images") -----------------------------------------
+    keep_preview = keep_preview
+
+    def preview_variants(self, context, sampler, requests, strength):
+        """Draws of the preview's requests to show side by side: ``[(og label, uint8 images or None for the
+        training images, guidance term names)]``; oracle-guided rows redraw them unguided and per round.
+        Plain methods: none (the preview is the training images)."""
+        return []
 
     # --- the generation stage -----------------------------------------------------------------------
     def prepare(self, context: Any):

@@ -235,6 +235,30 @@ class OracleGuided:
             # with guidance but without distillation, the training generation is the full stack's draw
             context.metrics.set(f"invalid_rate_round{len(result.classifiers)}", rate)
 
+    # --- previews: the preview's requests unguided and per round (same sources and seeds) ------------
+    def preview_variants(self, context, sampler, requests, strength):
+        from domainfusion_bench.diffusion.oracle_guidance import ValidityGuidance, stack_terms
+        from domainfusion_bench.diffusion.samplers import DDIMSampler
+
+        result = getattr(self, "_og_result", None)
+        others = [t for t in sampler.guidance if not isinstance(t, ValidityGuidance)]
+        levels = [("unguided", others)]
+        if result is not None:
+            name = f"og-{type(self).registered_name}"
+            levels += [(f"round{k}", others + stack_terms(result.classifiers[:k], result.weight, name))
+                       for k in range(1, len(result.classifiers) + 1)]
+            if result.distilled is not None:
+                levels.append(("distilled", list(sampler.guidance)))
+        out = []
+        for k, (og, terms) in enumerate(levels):
+            images = None  # the last level is what the training images were drawn with
+            if k < len(levels) - 1:
+                redraw = DDIMSampler(sampler.backbone, sampler.config, guidance=terms)
+                images, _ = context.generations.generate(redraw, requests, strength, made_by=context.made_by,
+                                                         progress=False, uint8=True)
+            out.append((og, images, [type(t).__name__ for t in terms]))
+        return out
+
 
 @register_algorithm("CDGA+OG")
 class CDGAOG(OracleGuided, CDGA):

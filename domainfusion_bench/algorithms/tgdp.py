@@ -244,15 +244,15 @@ class TGDP(GenerativeAlgorithm):
     def draw_guided(self, context, backbone, h: GuidanceNet, label: str, head: int | None, mix, per_class: int,
                     extra_terms=()):
         """TGDP's guided sampler: ``per_class`` images per class from the pooled model, guided by grad log h
-        toward ``head`` (or the mix), plus ``extra_terms``; cached and charged. Returns (images, requests)."""
+        toward ``head`` (or the mix), plus ``extra_terms``; cached and charged. Returns (images, requests, sampler)."""
         term = DensityRatioGuidance(h, self.hparams["tgdp_weight"], head=head or 0, mix=mix, use_class=True,
                                     cache_key=f"tgdp-h:{parameters_digest(h)[:24]}:head={head}:mix={mix}")
         requests = [Request(class_id=c, domains={}, seed=seed_hash("TGDP", context.args.trial_seed, label, c, i))
                     for c in range(len(context.dataset.classes)) for i in range(per_class)]
-        images, stats = context.generations.sample(self.sampler(backbone, [term, *extra_terms]), requests,
-                                                   made_by=context.made_by, desc=f"TGDP {label}")
+        sampler = self.sampler(backbone, [term, *extra_terms])
+        images, stats = context.generations.sample(sampler, requests, made_by=context.made_by, desc=f"TGDP {label}")
         stats.charge(context.costs)
-        return images, requests
+        return images, requests, sampler
 
     def guided_samples(self, context, backbone, h: GuidanceNet, classifier, targets):
         """(4) guided samples per plan entry, grouped by the training domain they augment, and the classifier's
@@ -263,9 +263,12 @@ class TGDP(GenerativeAlgorithm):
         extra_terms = self.guidance_terms(context, backbone)  # oracle guidance (TGDP+OG); none for TGDP
         before_p, after_p = [], []
         for label, head, mix, augments in self.sampling_plan(context, targets):
-            images, requests = self.draw_guided(context, backbone, h, label, head, mix, per_class, extra_terms)
+            images, requests, sampler = self.draw_guided(context, backbone, h, label, head, mix, per_class, extra_terms)
             labels = torch.tensor([r.class_id for r in requests], dtype=torch.long)
             generated.setdefault(augments, []).append((images, labels))
+            self.keep_preview(context, images, augments, requests=requests, target=label,
+                              sampler=sampler)
+            # how far guidance moved them: the classifier's target probability, same seeds without guidance
             idx = [c * per_class + i for c in range(n_classes) for i in range(min(hp["tgdp_probe"], per_class))]
             if idx and head is not None:
                 before, b_stats = context.generations.sample(self.sampler(backbone), [requests[i] for i in idx],

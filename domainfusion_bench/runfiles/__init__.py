@@ -8,7 +8,7 @@ Slurm job that will run it, while that job is pending.
 
 Modules by file: ``names`` the file names; ``files`` atomic writes; ``records`` results.jsonl; ``locks``
 the lock, its claim and heartbeat; ``fingerprint``; ``submission`` submitted.json; ``resume`` resume.pt;
-``splits`` splits.json.
+``splits`` splits.json; ``previews`` the previews/ folder of generated images and its index.
 """
 
 from domainfusion_bench.runfiles.files import atomic_write_text, read_json
@@ -20,6 +20,7 @@ from domainfusion_bench.runfiles.locks import (
 from domainfusion_bench.runfiles.names import (
     CLAIM_MUTEX, DONE, FAILED, FINGERPRINT, LOCK, MODEL, PREVIEWS, RESULTS, RESUME, SHARED_SPLITS, SPLITS, SUBMITTED,
 )
+from domainfusion_bench.runfiles.previews import PreviewStrip, read_previews, write_previews
 from domainfusion_bench.runfiles.records import append_record, iter_run_dirs, keep_records_through, loads, read_records
 from domainfusion_bench.runfiles.resume import load_resume, save_resume
 from domainfusion_bench.runfiles.splits import read_splits, write_splits
@@ -28,7 +29,8 @@ from domainfusion_bench.runfiles.submission import SUBMITTED_TIMEOUT_S, pending_
 __all__ = [
     "CLAIM_ENV", "CLAIM_MUTEX", "CLAIM_MUTEX_STALE_S", "DONE", "FAILED", "FINGERPRINT", "HEARTBEAT_INTERVAL_S",
     "HEARTBEAT_TIMEOUT_S", "LOCK", "MODEL", "PREVIEWS", "RESULTS", "RESUME", "SHARED_SPLITS", "SPLITS", "SUBMITTED",
-    "SUBMITTED_TIMEOUT_S", "Heartbeat", "append_record", "atomic_write_text", "check_fingerprint", "claim",
+    "SUBMITTED_TIMEOUT_S", "Heartbeat", "PreviewStrip", "read_previews", "write_previews",
+    "append_record", "atomic_write_text", "check_fingerprint", "claim",
     "heartbeat", "holds_lock", "iter_run_dirs", "keep_records_through", "load_resume", "loads", "lock_holder",
     "pending_submission", "pid_alive", "read_json", "read_records", "read_splits", "record_submission",
     "release_lock", "save_resume", "write_fingerprint", "write_lock", "write_splits",

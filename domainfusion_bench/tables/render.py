@@ -10,19 +10,24 @@ from domainfusion_bench.tables.longform import render_csv, render_json
 from domainfusion_bench.tables.model import ERRORS, Cell, Leaderboard, Table
 
 FORMATS = ("text", "markdown", "latex", "csv", "json", "html")
+READER_STYLES = ("markdown", "html")  # read by people: one trial is written "(n=1)"
 
 
 def format_cell(cell: Cell | None, style: str = "text", fmt: str | None = None) -> str:
-    """'85.0 +/- 2.5' (text), '85.0 ± 2.5' (markdown/html), '85.0 $\\pm$ 2.5' (latex); '(n=k)' when short."""
+    """'85.0 +/- 2.5' (text), '85.0 ± 2.5' (markdown/html), '85.0 $\\pm$ 2.5' (latex); '(n=k)' when short;
+    one trial: '47.5 (n=1)' in markdown/html, '47.5 +/- 0.0' in text/latex."""
     if cell is None or cell.mean is None or (isinstance(cell.mean, float) and math.isnan(cell.mean)):
         return "X" if fmt is None else "-"
     if fmt is not None:
         return fmt.format(cell.mean)
     pm = {"text": "+/-", "latex": "$\\pm$"}.get(style, "±")
     s = f"{cell.mean:.1f}"
-    if cell.error is not None and not math.isnan(cell.error):
+    # one trial has no spread: html/markdown say "(n=1)" rather than a "± 0.0" that reads as no variance;
+    # text and latex keep DomainBed's "+/- 0.0"
+    one_trial = cell.n == 1 and style in READER_STYLES
+    if cell.error is not None and not math.isnan(cell.error) and not one_trial:
         s += f" {pm} {cell.error:.1f}"
-    if 0 < cell.n < cell.expected:
+    if 0 < cell.n < cell.expected or one_trial:
         s += f" (n={cell.n})"
     return s
 
@@ -32,8 +37,9 @@ def _grid(table: Table, style: str) -> list[list[str]]:
             for r in table.rows]
 
 
-def error_description(error: str) -> str:
-    return f"Error bars: {ERRORS[error]}. (n=k): k trials when the dataset has more; X: no value (see notes)."
+def error_description(error: str, style: str = "text") -> str:
+    one = " (n=1): one trial, so no error bar;" if style in READER_STYLES else ""
+    return f"Error bars: {ERRORS[error]}. (n=k): k trials when the dataset has more;{one} X: no value (see notes)."
 
 
 def sections(board: Leaderboard) -> Iterator[tuple[str | None, Table]]:
@@ -75,7 +81,7 @@ def render_markdown(board: Leaderboard) -> str:
     out = ["# Leaderboard", ""]
     if board.summary:
         out += [board.summary, ""]
-    out += [error_description(board.error)]
+    out += [error_description(board.error, "markdown")]
     for head, table in sections(board):
         if head:
             out += ["", f"## {head}"]

@@ -35,7 +35,9 @@ class TrainingContext:
     autocast: Any = contextlib.nullcontext  # ``with context.autocast():`` runs in the run's precision
     heartbeat: Any = lambda: None  # call inside long pre-stages: the run stays visibly alive
     is_main: bool = True
-    previews: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> a few uint8 generated images
+    # a few generated images per stage and domain with what they are (``runfiles.PreviewStrip``); the
+    # algorithms add them with ``GenerativeAlgorithm.keep_preview``, the trainer writes them to previews/
+    previews: list = field(default_factory=list)
 
     @property
     def models(self):

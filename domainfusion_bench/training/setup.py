@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,16 +149,6 @@ def set_up(algorithm: Algorithm, context: TrainingContext, eval_splits: Sequence
     return train_splits
 
 
-def write_previews(run_dir: Path, previews: dict[str, torch.Tensor]) -> None:
-    """``previews/<name>.png``: a row of generated images per stage and domain (the HTML leaderboard shows them)."""
-    from torchvision.utils import save_image
-
-    folder = run_dir / runfiles.PREVIEWS
-    folder.mkdir(exist_ok=True)
-    for name, images in previews.items():
-        path = folder / f"{name}.png"
-        if not path.exists():
-            tmp = folder / f".{name}.tmp{os.getpid()}.png"
-            save_image(images.float().div(255.0) if images.dtype == torch.uint8 else images, str(tmp),
-                       nrow=len(images), padding=1)
-            os.replace(tmp, path)
+def write_previews(run_dir: Path, previews: list[runfiles.PreviewStrip]) -> None:
+    """``previews/``: the strips of generated images and their ``index.json`` (the HTML leaderboard shows them)."""
+    runfiles.write_previews(run_dir, previews)

@@ -18,8 +18,8 @@ import pandas as pd
 
 from domainfusion_bench import runfiles
 from domainfusion_bench.collect.domains import DOMAINBED_ENVIRONMENTS, _splits_domains
-from domainfusion_bench.collect.frame import _frame, _FrameBuilder, infer_n_envs
-from domainfusion_bench.collect.values import OVERRIDES
+from domainfusion_bench.frames.build import _frame, _FrameBuilder, infer_n_envs
+from domainfusion_bench.frames.values import OVERRIDES
 from domainfusion_bench.errors import DfbenchError
 
 RUN_KEY = ["dataset", "algorithm", "test_env", "test_env2", "n_test_envs", "hparams_seed", "trial_seed"]

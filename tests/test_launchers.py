@@ -123,6 +123,23 @@ def test_a_running_run_is_left_alone(tmp_path, fake_trainer):
     assert not (job.run_dir / runfiles.RESULTS).exists()
 
 
+def test_launch_reruns_a_stale_run(tmp_path, fake_trainer, capsys):
+    from domainfusion_bench.training import resolve_hparams, run_fingerprint
+
+    spec = four_runs(tmp_path, test_envs=[[0]])
+    job = make_jobs(spec)[0]
+    job.run_dir.mkdir(parents=True)
+    (job.run_dir / runfiles.RESULTS).write_text(json.dumps({"step": 0, "env0_in_acc": 0.99}) + "\n")
+    (job.run_dir / runfiles.DONE).write_text("done\n")
+    fingerprint = run_fingerprint(job.args, resolve_hparams(job.args))
+    runfiles.write_fingerprint(job.run_dir, {**fingerprint, "holdout_fraction": 0.5})  # made under another one
+    assert job_states([job])[0].stale
+    assert launch_sweep(spec, "local", {"preload": False}).outcomes[Outcome.DONE] == 1
+    assert "env0_in_acc" not in first_record(job) and "argv" in first_record(job)  # the rerun's, not the old
+    assert not (job.run_dir / runfiles.FINGERPRINT).exists() and job_states([job])[0].state == State.DONE
+    assert "1 stale run(s), done under another configuration, are rerun" in capsys.readouterr().err
+
+
 def test_dry_run_prints_argument_lists(tmp_path, capsys):
     spec = four_runs(tmp_path, algorithms=["ERM", "CDGA*"], hparams={"batch_size": 8})
     launch_sweep(spec, "dry_run")

@@ -276,6 +276,30 @@ def test_a_done_run_made_under_other_defaults_is_not_counted_done(tmp_path):
     assert state.state == State.FAILED and "another configuration" in state.reason and "cnn_width" in state.reason
 
 
+def test_delete_incomplete_removes_a_stale_run_and_says_how_many_are_stale(tmp_path, monkeypatch, capsys):
+    from domainfusion_bench.training import resolve_hparams, run_fingerprint
+
+    jobs = make_jobs(spec(tmp_path, n_hparams=1, n_trials=1, test_envs=[[0], [1], [2]]))
+    stale, current, crashed = (j.run_dir for j in jobs)
+    for job in jobs[:2]:
+        job.run_dir.mkdir(parents=True)
+        (job.run_dir / runfiles.DONE).write_text("done\n")
+        fingerprint = run_fingerprint(job.args, resolve_hparams(job.args))
+        if job is jobs[0]:
+            fingerprint["hparams_resolved"]["cnn_width"] = 7  # made under another default
+        runfiles.write_fingerprint(job.run_dir, fingerprint)
+    lock(crashed, dead_pid())
+    with pytest.raises(DfbenchError, match=r"2 run dirs \(1 of them stale: done under another configuration\) "
+                                           r"would be deleted; pass --yes"):
+        delete_incomplete(jobs, yes=False)
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda prompt: capsys.readouterr() and print(prompt) or "n")
+    assert delete_incomplete(jobs, yes=False) == []
+    assert "delete these 2 run dirs (1 of them stale" in capsys.readouterr().out
+    assert sorted(delete_incomplete(jobs, yes=True)) == sorted([stale, crashed])
+    assert current.exists() and not stale.exists()
+
+
 def test_a_spec_for_many_algorithms_runs_with_a_subset_of_them(tmp_path):
     # the demo spec fixes DiTi's and DomainFusion's hyperparameters; `--algorithms ERM` must still work
     jobs = make_jobs(spec(tmp_path, datasets=["DigitStyles"], algorithms=["ERM"], test_envs=[[2]],

@@ -7,7 +7,9 @@ from typing import Any
 
 from domainfusion_bench.launchers.base import LAUNCHERS, Launcher, LaunchResult
 from domainfusion_bench.launchers.dry_run import DryRunLauncher
-from domainfusion_bench.sweep import State, SweepSpec, check_data, count_states, format_counts, job_states, make_jobs
+from domainfusion_bench.sweep import (
+    State, SweepSpec, check_data, count_states, format_counts, job_states, make_jobs, remove_if_failed,
+)
 
 
 def make_launcher(spec: SweepSpec, name: str | None = None, options: dict[str, Any] | None = None) -> Launcher:
@@ -31,6 +33,11 @@ def launch_sweep(spec: SweepSpec, launcher: str | None = None, options: dict[str
                                                      if counts[State.FAILED] else ""), file=sys.stderr)
     if todo and not dry:
         check_data(spec)
+        stale = [job for job, s in zip(jobs, states) if s.stale]
+        if stale:  # a run dir holds one configuration: the stale one makes way for this sweep's
+            removed = remove_if_failed(stale)
+            print(f"sweep {spec.name}: {len(removed)} stale run(s), done under another configuration, are rerun; "
+                  "their old run dirs are removed", file=sys.stderr)
     result = runner.launch(todo)
     if not dry:
         print(f"sweep {spec.name}: {format_counts(count_states(job_states(jobs)))}", file=sys.stderr)

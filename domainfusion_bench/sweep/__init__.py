@@ -14,12 +14,12 @@ from domainfusion_bench.sweep.spec import (
 from domainfusion_bench.sweep.spec_file import load_yaml, read_spec_file
 from domainfusion_bench.sweep.states import (
     STATUS_ORDER, RunState, State, count_states, delete_incomplete, failure_reason, format_counts, job_states,
-    last_line, print_status, run_state,
+    last_line, print_status, remove_if_failed, run_state,
 )
 
 __all__ = [
     "Job", "RunState", "SPEC_KEYS", "STATUS_ORDER", "SWEEP_SET_ARGS", "State", "SweepSpec", "TEST_ENV_MODES",
     "check_data", "count_states", "delete_incomplete", "failure_reason", "format_counts", "job_states",
     "last_line", "load_spec", "load_yaml", "make_jobs", "module_prefix", "n_domains", "parse_spec",
-    "print_status", "read_spec_file", "run_state", "train_arg_names", "train_argv",
+    "print_status", "read_spec_file", "remove_if_failed", "run_state", "train_arg_names", "train_argv",
 ]

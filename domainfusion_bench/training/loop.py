@@ -114,10 +114,11 @@ def _finish(run: Run) -> None:
     runtime, run_dir, dataset = run.runtime, run.run_dir, run.dataset
     runtime.accelerator.wait_for_everyone()
     if runtime.is_main:
+        runfiles.check_claim(run_dir)
         if not run.args.skip_model_save:
             torch.save({"args": run.record_args, "model_input_shape": dataset.input_shape,
                         "model_num_classes": dataset.num_classes, "model_num_domains": len(run.context.train_envs),
                         "model_hparams": run.hparams, "model_dict": run.algorithm.state_dict()},
                        run_dir / runfiles.MODEL)
-        runfiles.atomic_write_text(run_dir / runfiles.DONE, "done\n")
+        runfiles.write_done(run_dir)
         (run_dir / runfiles.RESUME).unlink(missing_ok=True)

@@ -127,4 +127,5 @@ def write_previews(run_dir: Path, previews: dict[str, torch.Tensor]) -> None:
             tmp = folder / f".{name}.tmp{os.getpid()}.png"
             save_image(images.float().div(255.0) if images.dtype == torch.uint8 else images, str(tmp),
                        nrow=len(images), padding=1)
-            os.replace(tmp, path)
+            with runfiles.claimed(run_dir):
+                os.replace(tmp, path)

@@ -140,6 +140,24 @@ def test_launch_reruns_a_stale_run(tmp_path, fake_trainer, capsys):
     assert "1 stale run(s), done under another configuration, are rerun" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options, where", [
+    ({"additional": {"constraint": "a100\nrm -rf ~"}}, "additional.constraint"),
+    ({"additional": {"account": "lab\r"}}, "additional.account"),
+    ({"additional": {"comment": "a\x00b"}}, "additional.comment"),
+    ({"additional": {"comment": "\x1b[2J"}}, "additional.comment"),
+    ({"partition": "gpu\n#SBATCH --wrap=sh"}, "partition"),
+])
+def test_sbatch_values_with_control_characters_are_refused(tmp_path, options, where):
+    spec = four_runs(tmp_path, launcher="slurm", launcher_options={"slurm": {**options, "cluster": "local"}})
+    with pytest.raises(DfbenchError, match=rf"{where} holds a control character .* refused"):
+        launch_sweep(spec)  # before anything is submitted
+    assert not (tmp_path / "out").exists()
+    clean = four_runs(tmp_path)
+    with pytest.raises(DfbenchError, match="not an sbatch option name"):
+        make_launcher(clean, "slurm", {"additional": {"constraint\n": "a100"}}).check()
+    make_launcher(clean, "slurm", {"additional": {"constraint": "a100|h100", "nice": 10}}).check()
+
+
 def test_dry_run_prints_argument_lists(tmp_path, capsys):
     spec = four_runs(tmp_path, algorithms=["ERM", "CDGA*"], hparams={"batch_size": 8})
     launch_sweep(spec, "dry_run")

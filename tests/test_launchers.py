@@ -158,6 +158,21 @@ def test_sbatch_values_with_control_characters_are_refused(tmp_path, options, wh
     make_launcher(clean, "slurm", {"additional": {"constraint": "a100|h100", "nice": 10}}).check()
 
 
+def test_launching_a_sweep_runs_its_plugins(tmp_path, fake_trainer, monkeypatch):
+    from domainfusion_bench.algorithms import ALGORITHMS
+
+    monkeypatch.setattr(ALGORITHMS, "_entries", dict(ALGORITHMS._entries))
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text("from pathlib import Path\nfrom domainfusion_bench.algorithms import register_algorithm\n"
+                      "from domainfusion_bench.algorithms.erm import ERM\n"
+                      "Path(__file__).with_name('plugin_ran').write_text('yes')\n"
+                      "register_algorithm('PluginERM')(type('PluginERM', (ERM,), {}))\n")
+    spec = four_runs(tmp_path, algorithms=["PluginERM"], plugins=[str(plugin)], test_envs=[[0]])
+    assert not (tmp_path / "plugin_ran").exists()  # parsing ran nothing
+    assert launch_sweep(spec, "local", {"preload": False}).outcomes[Outcome.DONE] == 1
+    assert (tmp_path / "plugin_ran").exists()
+
+
 def test_dry_run_prints_argument_lists(tmp_path, capsys):
     spec = four_runs(tmp_path, algorithms=["ERM", "CDGA*"], hparams={"batch_size": 8})
     launch_sweep(spec, "dry_run")

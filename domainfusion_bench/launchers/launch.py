@@ -9,6 +9,7 @@ from domainfusion_bench.launchers.base import LAUNCHERS, Launcher, LaunchResult
 from domainfusion_bench.launchers.dry_run import DryRunLauncher
 from domainfusion_bench.sweep import (
     State, SweepSpec, check_data, count_states, format_counts, job_states, make_jobs, remove_if_failed,
+    with_plugins,
 )
 
 
@@ -23,11 +24,13 @@ def launch_sweep(spec: SweepSpec, launcher: str | None = None, options: dict[str
     """Run every job that is not done and not running; failed and interrupted ones resume."""
     runner = make_launcher(spec, launcher, options)
     runner.check()
+    dry = isinstance(runner, DryRunLauncher)
+    if not dry:  # a spec's plugins are code: they run when the sweep is launched, not when it is listed
+        spec = with_plugins(spec)
     jobs = make_jobs(spec)
     states = job_states(jobs)
     todo = [job for job, s in zip(jobs, states) if s.state not in (State.DONE, State.RUNNING)]
     counts = count_states(states)
-    dry = isinstance(runner, DryRunLauncher)
     print(f"sweep {spec.name}: {len(jobs)} jobs ({format_counts(counts)}); "
           f"{len(todo)} to run with {runner.name}" + (f", {counts[State.FAILED]} of them resume or retry"
                                                      if counts[State.FAILED] else ""), file=sys.stderr)

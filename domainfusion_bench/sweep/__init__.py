@@ -10,6 +10,7 @@ process is gone -> failed; nothing -> not launched. Launching is in ``launchers`
 from domainfusion_bench.sweep.jobs import Job, check_data, make_jobs, module_prefix, train_argv
 from domainfusion_bench.sweep.spec import (
     SPEC_KEYS, SWEEP_SET_ARGS, TEST_ENV_MODES, SweepSpec, load_spec, n_domains, parse_spec, train_arg_names,
+    with_plugins,
 )
 from domainfusion_bench.sweep.spec_file import load_yaml, read_spec_file
 from domainfusion_bench.sweep.states import (
@@ -22,4 +23,5 @@ __all__ = [
     "check_data", "count_states", "delete_incomplete", "failure_reason", "format_counts", "job_states",
     "last_line", "load_spec", "load_yaml", "make_jobs", "module_prefix", "n_domains", "parse_spec",
     "print_status", "read_spec_file", "remove_if_failed", "run_state", "train_arg_names", "train_argv",
+    "with_plugins",
 ]

@@ -74,7 +74,10 @@ def stale_reason(fingerprint: Mapping[str, Any], args: Any, hparams: Any) -> str
     """Why a run whose records carry ``args`` / ``hparams`` is stale; None when it is not."""
     if not isinstance(args, Mapping):
         return "its records have no args to check against its fingerprint.json"
-    theirs, ours = _flat(fingerprint), _flat(fingerprint_now(args, hparams, fingerprint))
+    now = json.loads(json.dumps(fingerprint_now(args, hparams, fingerprint)))  # as JSON gives it back
+    if now == fingerprint:  # the usual run: one comparison, no per-field text
+        return None
+    theirs, ours = _flat(fingerprint), _flat(now)
     differs = sorted(k for k in set(theirs) | set(ours) if theirs.get(k, "<missing>") != ours.get(k, "<missing>"))
     if not differs:
         return None

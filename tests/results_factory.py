@@ -112,7 +112,8 @@ def write_dfbench_run(root: Path, name: str, accs: Sequence[dict[str, float]], f
     hparams = {**resolve_hparams(args), **(older_hparams or {})}
     record_args = {**dataclasses.asdict(args), "output_dir": str(Path(root) / name),
                    "protocol": {"precision": "fp32", "cudnn_benchmark": False, "eval_augment": args.eval_augment,
-                                "eval_splits": args.eval_splits, "dataset": [], **(protocol or {})}}
+                                "eval_splits": args.eval_splits, "image_store": {"used": False}, "dataset": [],
+                                **(protocol or {})}}
     recs = [{"step": step, "args": record_args, "hparams": hparams, **acc} for step, acc in enumerate(accs)]
     run = write_run(root, name, recs, domains=["0", "15", "30", "45", "60", "75"])
     fingerprint = run_fingerprint(args, hparams)

@@ -48,6 +48,7 @@ def test_records_that_do_not_match_their_fingerprint_are_stale(tmp_path):
     ({"eval_augment": True}, "eval_augment=True"),
     ({"eval_splits": "all"}, "eval_splits=all"),
     ({"protocol": {"precision": "bf16"}}, "precision=bf16"),  # precision=auto ran as bf16 on a GPU
+    ({"protocol": {"image_store": {"used": True}}}, "image_store={'used': True}"),
 ])
 def test_runs_of_different_protocols_are_rows_of_their_own(tmp_path, change, label):
     base = {"holdout_fraction": 0.2, "steps": None, "eval_augment": False, "eval_splits": "needed"}
@@ -58,11 +59,19 @@ def test_runs_of_different_protocols_are_rows_of_their_own(tmp_path, change, lab
     assert coll.stale_runs == {} and coll.duplicate_runs == 0
     algorithms = sorted(coll.records["algorithm"].unique())
     other = label.split("=")[0]
+    base["image_store"] = {"used": False}
     assert algorithms == sorted([f"ERM [{other}={base.get(other, 'fp32')}]", f"ERM [{label}]"])
     for method in ("iid", "oracle"):
         rows = select(coll.records, method).query("test_env == 0")
         by_row = rows.groupby("algorithm")["test_acc"].apply(list).to_dict()
         assert by_row == {f"ERM [{other}={base.get(other, 'fp32')}]": [0.3, 0.3], f"ERM [{label}]": [0.9, 0.9]}
+
+
+def test_speed_settings_and_reasons_do_not_split_a_row(tmp_path):
+    store = {"image_store": {"used": False, "why": "Speed"}}
+    write_dfbench_run(tmp_path, "a", [accs(0.2)], protocol={"cudnn_benchmark": True, **store})
+    write_dfbench_run(tmp_path, "b", [accs(0.2)], trial_seed=1, protocol={"image_store": {"used": False, "why": "big"}})
+    assert load_records(tmp_path).records["algorithm"].unique().tolist() == ["ERM"]
 
 
 def test_a_random_search_stays_one_row_and_grid_points_stay_rows_of_their_own(tmp_path):

@@ -100,6 +100,9 @@ def configuration(fingerprint: Mapping[str, Any], args: Any) -> str:
     key.update(overrides if isinstance(overrides, dict) else {})
     protocol = args.get("protocol") if isinstance(args, Mapping) else None
     for name, value in (protocol.items() if isinstance(protocol, Mapping) else ()):
-        if name not in SPEED_ONLY_PROTOCOL:
-            key["dataset_differences" if name == "dataset" else name] = value
+        if name in SPEED_ONLY_PROTOCOL:
+            continue
+        if isinstance(value, Mapping):  # e.g. the image store: whether it ran and how, not the sentence why
+            value = {k: v for k, v in value.items() if k != "why"}
+        key["dataset_differences" if name == "dataset" else name] = value
     return json.dumps(key, sort_keys=True)

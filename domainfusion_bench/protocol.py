@@ -65,9 +65,14 @@ def plugin_digests(paths: Sequence[str]) -> list[str]:
     return sorted(digests)
 
 
+# Arguments added after runs were hashed: left out at these defaults, so existing run hashes stay valid.
+OMITTED_AT_DEFAULT = {"no_image_store": False}
+
+
 def semantic_args(args: Mapping[str, Any]) -> dict[str, Any]:
     """The training arguments that change the result, plugins by content (what a run's hash covers)."""
-    semantic = {k: v for k, v in args.items() if k not in NON_SEMANTIC_ARGS}
+    semantic = {k: v for k, v in args.items() if k not in NON_SEMANTIC_ARGS
+                and not (k in OMITTED_AT_DEFAULT and v == OMITTED_AT_DEFAULT[k])}
     if args.get("plugins"):
         semantic["plugin_sha256"] = plugin_digests(args["plugins"])
     return semantic

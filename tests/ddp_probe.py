@@ -19,6 +19,8 @@ ERM = ALGORITHMS.get("ERM")
 class WithSpareParts(ERM):
     """ERM plus a trainable layer no step uses and a frozen helper model, as generative methods have."""
 
+    DDP_FIND_UNUSED = True
+
     def __init__(self, *a):
         super().__init__(*a)
         self.spare = nn.Linear(4, 4)
@@ -46,6 +48,49 @@ def counting_all_reduce(*args, **kwargs):
 
 
 dist.all_reduce = counting_all_reduce  # accelerate's reduce calls it per tensor; DDP's reducer does not
+
+
+def gathered(value: torch.Tensor) -> list[torch.Tensor]:
+    both = [torch.zeros_like(value) for _ in range(dist.get_world_size())]
+    dist.all_gather(both, value)
+    return both
+
+
+def rank_seeds(runtime) -> dict:
+    """After ``seed_rank`` the ranks draw different dropout masks; rank 0 keeps the 1-process stream."""
+    torch.manual_seed(3)
+    expected = torch.rand(6)  # what one process draws after seeding with 3
+    torch.manual_seed(3)
+    runtime.seed_rank(3, step=0)
+    mask = torch.nn.functional.dropout(torch.ones(6), 0.5)
+    torch.manual_seed(3)
+    runtime.seed_rank(3, step=0)
+    drawn = gathered(torch.rand(6))
+    return {"rank0_kept": bool(torch.equal(drawn[0], expected)), "ranks_differ": not torch.equal(drawn[0], drawn[1]),
+            "masks_differ": not torch.equal(*gathered(mask))}
+
+
+def resume_decision(runtime, out: str) -> dict:
+    """A resume point rank 1 cannot judge for itself (as if it saw the file half-written): all ranks
+    follow the main rank's decision, none restarts on its own."""
+    from pathlib import Path
+
+    from domainfusion_bench import runfiles
+    from domainfusion_bench.training import resume
+
+    path = Path(out).with_name("resume.pt")
+    if runtime.is_main:
+        runfiles.save_resume(path, {"step": 5, "w": torch.ones(3)})
+    dist.barrier()
+    real = runfiles.load_resume
+    if not runtime.is_main:
+        runfiles.load_resume = lambda p, map_location="cpu": None  # what a rank judging alone might conclude
+    try:
+        state = resume.load_agreed(runtime, path)
+    finally:
+        runfiles.load_resume = real
+    steps = gathered(torch.tensor([-1 if state is None else state["step"]]))
+    return {"steps": [int(s) for s in steps]}
 
 
 def main(out: str) -> None:
@@ -83,12 +128,15 @@ def main(out: str) -> None:
         both_w = [torch.zeros_like(weights) for _ in range(runtime.world)]
         dist.all_gather(both_w, weights)
         report[cls.__name__] = {
+            "find_unused": runtime.ddp.find_unused_parameters,
             "ddp": type(getattr(runtime, "ddp", None)).__name__, "trainable_params": n_params, "all_reduce_calls": step_calls,
             "flat_all_reduces": flat, "grads_equal": bool(torch.equal(both[0], both[1])),
             "grads_are_full_batch": bool(torch.allclose(grads, full, rtol=1e-4, atol=1e-6)),
             "weights_equal": bool(torch.equal(both_w[0], both_w[1])),
             "spare_grad": None if not hasattr(algorithm, "spare") else algorithm.spare.weight.grad is not None,
         }
+    report["seeds"] = rank_seeds(runtime)
+    report["resume"] = resume_decision(runtime, out)
     if runtime.is_main:
         with open(out, "w") as f:
             json.dump(report, f)

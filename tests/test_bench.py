@@ -80,7 +80,7 @@ def test_batched_jitter_matches_torchvision_per_image(monkeypatch):
     """Each ColorJitter op on a batch, with one factor per image, equals torchvision's op on each image."""
     from torchvision.transforms.v2 import functional as F2
 
-    from domainfusion_bench.data import folder
+    from domainfusion_bench.data import augment
 
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     f = torch.tensor([0.75, 1.0, 1.2, 1.3])
@@ -91,7 +91,7 @@ def test_batched_jitter_matches_torchvision_per_image(monkeypatch):
     hue = torch.tensor([0.1, -0.2, 0.3, 0.0])
     expected = torch.stack([F2.adjust_hue(xi, float(h)) for xi, h in zip(x, hue)])
     assert torch.allclose(AugmentBatch._jitter(x, 3, hue[:, None, None, None]), expected, atol=1e-5)
-    monkeypatch.setattr(folder, "_rgb_to_hsv", None)  # torchvision's private HSV helpers gone: same result
+    monkeypatch.setattr(augment, "_rgb_to_hsv", None)  # torchvision's private HSV helpers gone: same result
     assert torch.allclose(AugmentBatch._jitter(x, 3, hue[:, None, None, None]), expected, atol=1e-5)
 
 

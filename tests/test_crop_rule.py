@@ -6,7 +6,7 @@ import torch
 from scipy.stats import ks_2samp
 from torchvision.transforms import RandomResizedCrop
 
-from domainfusion_bench.data.folder import CROP_RATIO, CROP_SCALE, AugmentBatch, crop_params
+from domainfusion_bench.data.augment import CROP_RATIO, CROP_SCALE, AugmentBatch, crop_params
 
 
 @pytest.mark.parametrize("height,width", [(100, 100), (60, 200), (300, 50), (224, 160)])
@@ -31,9 +31,8 @@ def test_boxes_are_drawn_on_the_original_size_and_mapped_onto_the_stored_copy():
     sizes = torch.tensor([[64, 256], [400, 100], [32, 32]])  # original (height, width) of stored rows 0..2
     aug = AugmentBatch(16)
     rows = torch.tensor([2, 0, 1])
-    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    boxes = aug.boxes(stored, g1, sizes[rows])
-    params = crop_params(sizes[rows, 0], sizes[rows, 1], g2)
+    params = crop_params(sizes[rows, 0], sizes[rows, 1], torch.Generator().manual_seed(5))
+    boxes = aug.boxes(stored, params, sizes[rows])
     for b, (i, j, h, w), (H, W) in zip(boxes, params, sizes[rows].tolist()):
         sx, sy = 32 / W, 32 / H
         assert torch.allclose(b[1:], torch.tensor([j * sx, i * sy, (j + w) * sx, (i + h) * sy]), atol=1e-4)
@@ -48,7 +47,7 @@ def test_boxes_are_drawn_on_the_original_size_and_mapped_onto_the_stored_copy():
 def test_the_store_keeps_original_sizes_and_training_batches_crop_on_them(tmp_path, monkeypatch):
     from PIL import Image
 
-    from domainfusion_bench.data import folder
+    from domainfusion_bench.data import augment
     from domainfusion_bench.data.folder import FolderDataset
     from domainfusion_bench.data.loaders import SplitDataset, training_batches
 
@@ -62,8 +61,8 @@ def test_the_store_keeps_original_sizes_and_training_batches_crop_on_them(tmp_pa
     ds.load_store(tmp_path / "cache")
     assert [env.original_sizes.tolist() for env in ds.envs] == [[list(s) for s in shapes[d]] for d in "ab"]
     seen = []
-    real = folder.crop_params
-    monkeypatch.setattr(folder, "crop_params", lambda h, w, g: seen.append(torch.stack([h, w], 1)) or real(h, w, g))
+    real = augment.crop_params
+    monkeypatch.setattr(augment, "crop_params", lambda h, w, g: seen.append(torch.stack([h, w], 1)) or real(h, w, g))
     splits = [SplitDataset(env, [0, 1], ds.train_transform(True), ds.batch_transform(True)) for env in ds.envs]
     batch = next(training_batches(splits, 2, seed=0))
     assert [x.shape for x, _ in batch] == [(2, 3, 16, 16)] * 2

@@ -11,7 +11,7 @@ from domainfusion_bench.algorithms.domainfusion import latent_distillation, sds_
 from domainfusion_bench.diffusion import PixelDDPMBackbone, PixelDDPMConfig
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.networks import SmallCNN
-from domainfusion_bench.networks.style_content import StyleContentNet, select_candidates, style_content
+from domainfusion_bench.networks.style_content import StyleContentNet, content_style_choice, recombine, style_content
 
 
 def tiny_backbone(channels=3, resolution=8, held_out=()):
@@ -59,6 +59,50 @@ def test_distillation_gradient_is_the_analytic_sds_gradient():
     assert ld.loss.item() == pytest.approx((residual * ld.z.detach()).mean().item(), rel=1e-5)
 
 
+def test_the_loss_adds_lambda_times_the_distillation_gradient_through_p_true(monkeypatch):
+    """DomainFusion.loss on a linear softmax classifier: grad(loss) - grad(CE) = lambda x the hand-written
+    SDS gradient sum_i dL_LD/dp_i dp_i/dW (a p_true detached before the term makes the difference 0), and
+    the term's denoiser calls are charged as ld_nfe."""
+    from types import SimpleNamespace
+
+    from domainfusion_bench.algorithms import ALGORITHMS
+    from domainfusion_bench.algorithms import domainfusion as df
+    from domainfusion_bench.costs import CostMeter
+
+    lam, k = 0.7, 3
+    hp = {**algorithm_defaults("DomainFusion-LD"), "df_ld_weight": lam}
+    algo = ALGORITHMS.get("DomainFusion-LD")((3, 8, 8), k, 2, hp)
+    g = torch.Generator().manual_seed(3)
+    W = torch.nn.Parameter(0.05 * torch.randn(k, 3 * 8 * 8, generator=g))
+    algo.network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, k, bias=False))
+    algo.network[1].weight = W
+    algo._diffusion = tiny_backbone()
+    algo._context = SimpleNamespace(dataset=SimpleNamespace(to_unit=lambda x: x), costs=CostMeter())
+    seen = []
+    real = df.latent_distillation
+    monkeypatch.setattr(df, "latent_distillation", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    x = torch.rand(6, 3, 8, 8, generator=g)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    torch.manual_seed(4)
+    loss, terms = algo.loss([(x[:3], y[:3]), (x[3:], y[3:])])
+    (total,) = torch.autograd.grad(loss, W)
+    f = x.flatten(1)
+    probs = torch.softmax(f @ W.T, dim=1)
+    (ce,) = torch.autograd.grad(torch.nn.functional.cross_entropy(f @ W.T, y), W)
+
+    ld = seen[-1]
+    residual = ld.weight * (ld.eps_hat - ld.noise)
+    dl_dp = (residual * 2 * x).flatten(1).sum(1) / residual.numel()  # z = 2 p x - 1 for the pixel model
+    p = probs.gather(1, y.view(-1, 1)).detach()
+    analytic = (dl_dp.view(-1, 1) * p * (torch.nn.functional.one_hot(y, k) - probs.detach())).T @ f
+    assert (lam * analytic).abs().max() > 1e-6
+    assert torch.allclose(total - ce, lam * analytic, rtol=1e-3, atol=1e-9)
+    assert terms["loss_ld"].item() == pytest.approx(ld.loss.item())
+    assert algo._context.costs.totals["ld_nfe"] == 6
+    algo.loss([(x[:3], y[:3]), (x[3:], y[3:])])
+    assert algo._context.costs.totals["ld_nfe"] == 12
+
+
 def test_distillation_weighting_and_timestep_choices():
     abar = torch.tensor([0.2, 0.5, 0.8])
     assert torch.allclose(sds_weight(abar, "1-abar"), 1 - abar)
@@ -100,27 +144,97 @@ def test_style_content_separates_a_per_channel_affine_change():
     assert torch.allclose(s1[:, :4], s0[:, :4] * scale.flatten() + shift.flatten(), atol=1e-5)
 
 
-def test_selection_picks_the_most_restyled_candidate_among_the_same_content():
-    g = torch.Generator().manual_seed(0)
-    ref = torch.randn(1, 4, 6, 6, generator=g)
-    other = torch.randn(1, 4, 6, 6, generator=g)
-    candidates = torch.stack([
-        ref[0],  # 0: same content, same style
-        ref[0] * 2.0 + 1.0,  # 1: same content, strongly restyled  <- the pick
-        other[0] * 5.0 + 3.0,  # 2: other content, even more restyled
-        ref[0] * 1.2 + 0.1,  # 3: same content, mildly restyled
-    ]).unsqueeze(0)
-    assert select_candidates(ref, candidates, keep=3).tolist() == [1]
-    assert select_candidates(ref, candidates, keep=4).tolist() == [2]  # no content filter: style alone
-    assert select_candidates(ref, candidates, keep=1).tolist() in ([0], [1], [3])  # content ties: all cosine 1
-    # ties in style distance go to the lower index
-    twins = torch.stack([ref[0] * 2 + 1, ref[0] * 2 + 1]).unsqueeze(0)
-    assert select_candidates(ref, twins, keep=2).tolist() == [0]
-    # batched: each reference gets its own choice
-    both = select_candidates(torch.cat([ref, ref]), torch.cat([candidates, candidates.flip(1)]), keep=3)
-    assert both.tolist() == [1, 2]
+def constructed_candidates(g=None):
+    """A pool image and three candidates in which each criterion has its own winner: 0 is the pool image
+    plus noise (closest style, content slightly off), 1 a per-channel affine change of it (identical
+    content: c*), 2 another image in a far style (s*)."""
+    g = g or torch.Generator().manual_seed(0)
+    ref = 0.3 + 0.4 * torch.rand(1, 3, 8, 8, generator=g)
+    noisy = (ref + 0.05 * torch.randn(1, 3, 8, 8, generator=g)).clamp(0, 1)
+    affine = ref * torch.tensor([0.9, 0.8, 1.1]).view(1, 3, 1, 1) + 0.05
+    far = 0.9 - 0.1 * torch.rand(1, 3, 8, 8, generator=g)
+    return ref, torch.stack([noisy[0], affine[0], far[0]]).unsqueeze(0)
+
+
+def test_content_and_style_each_choose_their_own_candidate():
+    ref, candidates = constructed_candidates()
+    content, style = content_style_choice(ref, candidates)
+    assert content.tolist() == [1] and style.tolist() == [2]  # a rule ignoring either one returns 1 == 1 or 2 == 2
+    # batched, and independent per reference: reversing the candidates reverses the picks
+    content, style = content_style_choice(torch.cat([ref, ref]), torch.cat([candidates, candidates.flip(1)]))
+    assert content.tolist() == [1, 1] and style.tolist() == [2, 0]
+    # ties go to the lower index
+    twins = torch.cat([candidates[:, 1:2], candidates[:, 1:2]], dim=1)
+    assert [i.tolist() for i in content_style_choice(ref, twins)] == [[0], [0]]
     with pytest.raises(DfbenchError, match="matching P, C, H, W"):
-        select_candidates(ref, candidates[:, :, :2], keep=1)
+        content_style_choice(ref, candidates[:, :, :2])
+
+
+def test_recombine_keeps_the_content_phase_and_takes_the_style_amplitude():
+    _, candidates = constructed_candidates()
+    c, s = candidates[:, 1], candidates[:, 2]
+    out = recombine(c, s)
+    spec_out, spec_c, spec_s = (torch.fft.fft2(v) for v in (out, c, s))
+    assert torch.allclose(spec_out.abs(), spec_s.abs(), atol=2e-3)  # the style image's amplitude
+    keep = spec_out.abs() > 1e-3
+    assert torch.allclose(torch.polar(torch.ones_like(spec_c.abs()), spec_out.angle())[keep],
+                          torch.polar(torch.ones_like(spec_c.abs()), spec_c.angle())[keep], atol=2e-3)  # c's phase
+    assert not torch.allclose(out, c, atol=0.02) and not torch.allclose(out, s, atol=0.02)
+    assert torch.allclose(recombine(c, c), c, atol=1e-5) and torch.allclose(recombine(c, s, 0.0), c, atol=1e-5)
+    half = recombine(c, s, 0.5)
+    assert torch.allclose(torch.fft.fft2(half).abs(), (spec_c.abs() + spec_s.abs()) / 2, atol=2e-3)
+    with pytest.raises(DfbenchError, match="df_style_weight"):
+        recombine(c, s, 1.5)
+    with pytest.raises(DfbenchError, match="one shape"):
+        recombine(c, s[:, :2])
+
+
+class PixelFeatures(torch.nn.Module):
+    """Images as their own feature maps: the constructed examples' content and style are the pixels'."""
+
+    name = "pixels"
+
+    def forward(self, x01):
+        return x01
+
+
+def test_a_refresh_stores_the_recombination_of_the_chosen_candidates(monkeypatch):
+    """refresh(): the stored pool image is recombine(c*, s*) of its candidates, not a candidate, and the
+    rule's choice, not a fixed one (a refresh keeping candidate 0, c*, or s* fails here)."""
+    from types import SimpleNamespace
+
+    from domainfusion_bench.algorithms import ALGORITHMS
+    from domainfusion_bench.algorithms import domainfusion as df
+    from domainfusion_bench.costs import MetricMeter
+
+    ref, candidates = constructed_candidates()
+    other_ref, other = constructed_candidates(torch.Generator().manual_seed(5))
+    other = other.flip(1)  # the second domain's pool image: c* = 1, s* = 0
+    hp = {**algorithm_defaults("DomainFusion"), "df_candidates": 3, "og_measure": False}
+    algo = ALGORITHMS.get("DomainFusion")((3, 8, 8), 3, 3, hp)
+    to8 = algo.to_uint8
+    algo._pools = [{"images": to8(r), "labels": torch.tensor([1]), "sources": torch.tensor([7])}
+                   for r in (ref, other_ref)]
+    algo._diffusion = SimpleNamespace(resolution=8)
+    made = {1: to8(candidates[0]), 2: to8(other[0])}
+    asked = []
+
+    def img2img(self, context, requests, desc):
+        asked.append(len(requests))
+        return made[requests[0].source_domain]
+
+    monkeypatch.setattr(df.DomainFusion, "_img2img", img2img)
+    monkeypatch.setattr(df.StyleContentNet, "choose", classmethod(lambda cls, *a: PixelFeatures()))
+    ds = SimpleNamespace(name="Toy", domains=["a", "b", "c"], from_unit=lambda x: x)
+    context = SimpleNamespace(dataset=ds, device="cpu", train_envs=[1, 2], args=SimpleNamespace(trial_seed=0),
+                              heartbeat=lambda: None, metrics=MetricMeter())
+    algo.refresh(context)
+    assert asked == [3, 3] and algo._refreshes == 1
+    for pool, grid, (c, s) in zip(algo._pools, made.values(), [(1, 2), (1, 0)]):
+        g = grid.float() / 255
+        assert torch.equal(pool["images"], to8(recombine(g[c:c + 1], g[s:s + 1])))
+        assert all((pool["images"][0].int() - grid[k].int()).abs().max() > 10 for k in range(3))
+    assert algo._recombined == 1.0
 
 
 def test_style_network_is_a_frozen_copy_of_the_featurizer_when_no_imagenet_weights():
@@ -245,10 +359,55 @@ def test_domainfusion_records_distillation_pool_and_cost(df_runs):
     generated = sum(sizes) * (1 + 2 * 2)  # the first fill, then 2 candidates per image at 2 refreshes
     assert last["cost_generated_images"] == generated
     assert last["cost_nfe"] == 2 * generated  # int(10 DDIM steps x 0.2) per image
+    assert last["cost_ld_nfe"] == STEPS * 16 * 3 and records[0]["cost_ld_nfe"] == 16 * 3
     assert last["metric_df_refreshes"] == 2 and records[0]["metric_df_refreshes"] == 0
     assert last["metric_df_generated_vs_cdga"] == pytest.approx(generated / (sum(n_in) * 2 * 1))
     assert records[0]["metric_df_generated_vs_cdga"] == pytest.approx(sum(sizes) / (sum(n_in) * 2))
     assert last["cost_diffusion_train_seconds"] > 0 and last["cost_generation_seconds"] > 0
+
+
+def test_the_schedule_counts_are_what_a_real_run_records(df_runs):
+    from domainfusion_bench.algorithms.domainfusion_schedule import domainfusion_counts
+
+    _, n_in = pool_sizes()
+    counts = domainfusion_counts({**algorithm_defaults("DomainFusion"), **FAST}, STEPS, n_in)
+    last = df_runs["records"][-1]
+    assert counts.refreshes == last["metric_df_refreshes"] == 2
+    assert counts.images == last["cost_generated_images"] and counts.generation_nfe == last["cost_nfe"]
+    assert counts.distillation_nfe == last["cost_ld_nfe"] == STEPS * 16 * 3  # every image of every step
+    assert 0 < last["metric_df_recombined"] <= 1  # at 2 candidates, c* != s* for some pool images
+
+
+def in_split_sizes(train_envs):
+    from domainfusion_bench.data import get_dataset
+    from domainfusion_bench.protocol import split_indices
+
+    ds = get_dataset("DigitStyles", "unused")
+    return [len(split_indices(len(ds.envs[e]), 0, e, 0.2)[1]) for e in train_envs]
+
+
+def test_domainfusion_against_cdga_at_the_demo_and_at_domainbed_length():
+    """Counted, not run: the demo's settings (sweeps/demo.yaml, stencil held out) at its 301 steps and at
+    DomainBed's 5001. The refreshes follow epochs, so DomainFusion's images grow with the run length while
+    CDGA's fixed set does not; the distillation's denoiser calls grow with every step."""
+    import yaml
+
+    from domainfusion_bench.algorithms.domainfusion_schedule import cdga_counts, domainfusion_counts
+
+    demo = yaml.safe_load(open("sweeps/demo.yaml"))
+    assert demo["steps"] == 301 and demo["test_envs"] == [[2]]
+    n_in = in_split_sizes([0, 1, 3])
+    hp = {**algorithm_defaults("DomainFusion"), **demo["hparams"]}
+    cdga = cdga_counts({**algorithm_defaults("CDGA"), **demo["hparams"]}, n_in)
+    assert (cdga.images, cdga.nfe) == (2160, 10800)
+    short, long = domainfusion_counts(hp, 301, n_in), domainfusion_counts(hp, 5001, n_in)
+    assert (short.refreshes, short.images, short.generation_nfe, short.distillation_nfe) == (1, 162, 810, 9632)
+    assert short.images / cdga.images == pytest.approx(0.075) and short.nfe / cdga.nfe == pytest.approx(0.9669, abs=1e-4)
+    assert (long.refreshes, long.images, long.generation_nfe, long.distillation_nfe) == (29, 3186, 15930, 160032)
+    assert long.images / cdga.images == pytest.approx(1.475) and long.nfe / cdga.nfe == pytest.approx(16.29, abs=0.01)
+    # the package defaults (batch 64 per domain, the term on all 192 images of a step): twice the refreshes
+    full = domainfusion_counts(algorithm_defaults("DomainFusion"), 5001, n_in)
+    assert (full.refreshes, full.images, full.distillation_nfe) == (59, 6426, 960192)
 
 
 def test_a_refresh_replaces_pool_images_and_the_batches_follow(df_runs):
@@ -347,6 +506,7 @@ def test_distillation_reads_an_even_stride_of_the_minibatch(monkeypatch):
 
     from domainfusion_bench.algorithms import ALGORITHMS, algorithm_space
     from domainfusion_bench.algorithms import domainfusion as df
+    from domainfusion_bench.costs import CostMeter
     from domainfusion_bench.data import dataset_class
 
     hp = {**algorithm_space("DomainFusion-LD", dataset_class("DigitStyles")).defaults(), "df_ld_batch": 4}
@@ -355,10 +515,11 @@ def test_distillation_reads_an_even_stride_of_the_minibatch(monkeypatch):
 
     def recorder(backbone, x01, p_true, y, **kw):
         seen.append((x01.clone(), p_true, y))
-        return SimpleNamespace(loss=(p_true * 0).sum())
+        return SimpleNamespace(loss=(p_true * 0).sum(), t=torch.zeros(len(y)))
 
     monkeypatch.setattr(df, "latent_distillation", recorder)
-    algo._diffusion, algo._context = object(), SimpleNamespace(dataset=SimpleNamespace(to_unit=lambda x: x))
+    algo._diffusion = object()
+    algo._context = SimpleNamespace(dataset=SimpleNamespace(to_unit=lambda x: x), costs=CostMeter())
     x = torch.arange(12.0).view(12, 1, 1, 1).expand(12, 3, 32, 32)  # 3 domains x 4 images, tagged by value
     minibatches = [(x[4 * d:4 * d + 4], torch.arange(4) + d) for d in range(3)]
     algo.loss(minibatches)
@@ -367,3 +528,19 @@ def test_distillation_reads_an_even_stride_of_the_minibatch(monkeypatch):
     algo.hparams["df_ld_batch"] = 0  # the default: every image, as the paper
     algo.loss(minibatches)
     assert len(seen[-1][0]) == 12
+    assert algo._context.costs.totals["ld_nfe"] == 4 + 12
+
+
+def test_the_cost_table_shows_all_denoiser_work_beside_generated_images():
+    import pandas as pd
+
+    from domainfusion_bench.tables.costs import _cost_table, cost_frame
+
+    rows = [("CDGA", 2160, 10800, None), ("DomainFusion", 162, 810, 9632), ("ERM", None, None, None)]
+    records = pd.DataFrame([{"dataset": "D", "algorithm": a, "run": a, "step": 300, "cost_generated_images": g,
+                             "cost_nfe": n, "cost_ld_nfe": ld} for a, g, n, ld in rows])
+    costs = cost_frame(records).set_index("algorithm")
+    assert costs.loc["DomainFusion", "cost_total_nfe"] == 810 + 9632
+    assert costs.loc["CDGA", "cost_total_nfe"] == 10800 and pd.isna(costs.loc["ERM", "cost_total_nfe"])
+    table = _cost_table(costs.reset_index(), "D")
+    assert table.columns == ["runs", "generated images", "distillation NFEs", "NFEs", "NFEs in all"]

@@ -389,7 +389,7 @@ def test_eval_augment_flag_and_protocol_settings_are_recorded(tiny_train_args):
     args = read(run_dir)[-1]["args"]
     assert args["eval_augment"] is True
     assert args["protocol"] == {"precision": "fp32", "cudnn_benchmark": False, "eval_augment": True,
-                                "eval_splits": "needed", "dataset": []}
+                                "eval_splits": "needed", "image_store": None, "dataset": []}
 
 
 def test_colored_mnist_at_14_and_28_pixels():

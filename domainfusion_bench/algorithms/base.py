@@ -29,6 +29,12 @@ class Algorithm(nn.Module):
     TRACK = "DG"
     # hyperparameters that make a run cheap but still exercise every part (the contract test, smoke runs)
     SMOKE_HPARAMS: dict[str, Any] = {}
+    # under DDP (several processes): whether a step may leave some trainable parameters without a gradient
+    # (DDP then searches the graph for them every step), and whether the run is then exactly the 1-process
+    # run (True when the loss is a mean over examples; a loss that uses batch statistics or a sub-sample of
+    # the batch sees only the rank's slice, so it is not)
+    DDP_FIND_UNUSED = False
+    DDP_EXACT: bool = True
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__()
@@ -99,6 +105,12 @@ class Algorithm(nn.Module):
         self.backward(loss)
         self.optimizer.step()
         return {"loss": loss.detach(), **terms}
+
+    def ddp_loss_weight(self, share: float, world: int) -> float:
+        """Factor on this rank's loss under DDP (which averages gradients over ``world`` ranks), the rank
+        holding ``share`` of the global batch. ``share * world`` makes a per-example mean the global mean;
+        a loss that sums over examples would return ``world``."""
+        return share * world
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)

@@ -175,6 +175,8 @@ class DiTi(GenerativeAlgorithm):
     """DiTi features: an encoder trained against the frozen DDPM; probe / finetune / subset of its z."""
 
     NEEDS = "the shared pixel DDPM (trained here on the training domains) or sd:<checkpoint>; trains a DiTi encoder"
+    DDP_EXACT = False  # finetuning's DiTi sub-sample and its noise are drawn per rank
+    DDP_FIND_UNUSED = True  # the head reads one slice of z: encoder parts feeding only other slices get no gradient
     SMOKE_HPARAMS = {**GenerativeAlgorithm.SMOKE_HPARAMS, "diti_mode": "finetune", "diti_steps": 4, "diti_z_dim": 64,
                      "diti_encoder_width": 8, "diti_branch_width": 8, "diti_batch_size": 8}
 

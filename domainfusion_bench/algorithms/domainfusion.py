@@ -22,15 +22,23 @@ are in every record.
 
 (b) Online lightweight augmentation. A synthetic pool of ``df_pool_fraction`` of each training domain's
 in-split (the first images of the shuffled split), first filled by one img2img pass from those real
-images toward another training domain or a mix (``df_target``). Every ``df_refresh_epochs`` epochs each
-pool image gets ``df_candidates`` img2img candidates from itself (same class, toward another training
-domain or a mix, strength ``df_strength``); ``networks.style_content.select_candidates`` keeps the
-candidates whose content is closest to the pool image and, among them, takes the one whose style is
-farthest; it replaces the pool image. Training batches draw pool images with probability
-``df_synthetic_fraction``. Every candidate is generated through the generation cache (a relaunch reuses
-them) and counted in ``cost_generated_images``; ``metric_df_generated_vs_cdga`` is the ratio to the
-images CDGA would generate on the same data. The pool and its refresh count are part of the resume
-state, so a run killed after a refresh resumes with that pool.
+images toward another training domain or a mix (``df_target``). Every ``df_refresh_epochs`` epochs (the
+paper's period T, in epochs of the real in-splits) each pool image gets ``df_candidates`` img2img
+candidates from itself (same class, toward another training domain or a mix, strength ``df_strength``),
+decomposed into content and style of frozen features; as the paper, the candidate with the most similar
+content (c*) and the one with the most different style (s*) are recombined into the new pool image
+(``networks.style_content``: the selection reads deep features, the recombination is MODE's pixel-space
+amplitude/phase swap, ``df_style_weight`` of s*'s amplitude, because no decoder maps the frozen features
+back to pixels). ``metric_df_recombined`` is the share of pool images where c* != s*. Training batches draw
+pool images with probability ``df_synthetic_fraction``. Every candidate is generated through the
+generation cache (a relaunch reuses them) and counted in ``cost_generated_images`` / ``cost_nfe``;
+``metric_df_generated_vs_cdga`` is the ratio to the images CDGA would generate on the same data
+(``domainfusion_schedule`` counts both for any run length). The pool and its refresh count are part of
+the resume state, so a run killed after a refresh resumes with that pool.
+
+Cost: the distillation calls the denoiser once per image it reads at every step; those calls are charged
+as ``cost_ld_nfe`` beside the generation's ``cost_nfe``. ``refresh_pool`` is the refresh a caller (the
+oracle-guidance rounds) can reuse: candidates in, pool images out.
 
 Never the held-out domain: the backbone is restricted to the run's held-out domains, sources are
 training-domain in-split images (or pool images made from them), targets are training domains only,
@@ -48,13 +56,14 @@ import torch
 import torch.nn.functional as F
 
 from domainfusion_bench.algorithms.base import register_algorithm
+from domainfusion_bench.algorithms.domainfusion_schedule import cdga_counts, ld_subset, refresh_period
 from domainfusion_bench.algorithms.generative import GenerativeAlgorithm
 from domainfusion_bench.data.pools import mixed_split
 from domainfusion_bench.diffusion import Request, mix
 from domainfusion_bench.diffusion.backbones import Backbone, resize
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.hparams import HParamSpace
-from domainfusion_bench.networks.style_content import StyleContentNet, select_candidates
+from domainfusion_bench.networks.style_content import StyleContentNet, content_style_choice, recombine
 from domainfusion_bench.protocol import seed_hash, split_indices
 
 SDS_WEIGHTS = ("1-abar", "1", "snr")
@@ -120,6 +129,7 @@ class DomainFusion(GenerativeAlgorithm):
 
     NEEDS = "a diffusion backbone: pixel_ddpm (trained here on the training domains, offline) or sd:<checkpoint>"
     DISTILL = True  # (a) latent distillation
+    DDP_EXACT = False  # the distillation sub-sample (df_ld_batch) is taken per rank, its noise drawn per rank
     AUGMENT = True  # (b) online lightweight augmentation
     # a small pool refreshed every 2 steps of a batch-8 smoke run (45 steps per epoch on DigitStyles)
     SMOKE_HPARAMS = {**GenerativeAlgorithm.SMOKE_HPARAMS, "df_pool_fraction": 0.02, "df_refresh_epochs": 0.05}
@@ -138,16 +148,17 @@ class DomainFusion(GenerativeAlgorithm):
             # per image, more than the classifier's own step on a small CNN.
             space.add("df_ld_batch", 0)
         if cls.AUGMENT:
-            # 5% of each in-split, 2 candidates per refresh, a refresh every 15 epochs: about 7.5% of
-            # CDGA's images over the demo's 301 steps on DigitStyles (27 epochs: 1 refresh)
+            # the paper's form (a pool fraction, a period T in epochs, N candidates); the values are ours. On
+            # DigitStyles at batch 32: 7.5% of CDGA's images at the demo's 301 steps (1 refresh), 148% at
+            # 5001 (29 refreshes); domainfusion_schedule counts any length
             space.add("df_pool_fraction", 0.05, lambda r: float(r.choice([0.02, 0.05, 0.1])))
             space.add("df_refresh_epochs", 15.0, lambda r: float(r.choice([5.0, 10.0, 15.0, 20.0])))
-            space.add("df_candidates", 2, lambda r: int(r.choice([2, 3, 4])))
+            space.add("df_candidates", 2, lambda r: int(r.choice([2, 3, 4])))  # c* and s* are chosen among them
             space.add("df_strength", 0.5, lambda r: float(r.uniform(0.3, 0.7)))
             space.add("df_target", "mix", lambda r: str(r.choice(list(TARGETS))))
             space.add("df_synthetic_fraction", 0.25, lambda r: float(r.uniform(0.1, 0.5)))
-            # candidates kept by content before the style pick: ceil(fraction x candidates), at least 1
-            space.add("df_content_keep", 0.5)
+            # share of s*'s Fourier amplitude in the recombined image (1: s*'s style on c*'s content)
+            space.add("df_style_weight", 1.0, lambda r: float(r.uniform(0.5, 1.0)))
             space.add("df_style_net", "auto")  # auto | imagenet | featurizer (see networks/style_content.py)
 
     def __init__(self, input_shape, num_classes, num_domains, hparams):
@@ -156,6 +167,7 @@ class DomainFusion(GenerativeAlgorithm):
         self._pools: list[dict[str, torch.Tensor]] = []  # per training domain: images (uint8), labels, sources
         self._refreshes = 0
         self._generated = 0
+        self._recombined = 0.0  # share of pool images whose last refresh had c* != s*
 
     # --- setup -------------------------------------------------------------------------------------
     def check_hparams(self) -> None:
@@ -166,9 +178,9 @@ class DomainFusion(GenerativeAlgorithm):
         if self.AUGMENT:
             if not 0 < hp["df_pool_fraction"] <= 1 or not 0 <= hp["df_synthetic_fraction"] <= 1:
                 raise DfbenchError("DomainFusion needs 0 < df_pool_fraction <= 1 and 0 <= df_synthetic_fraction <= 1")
-            if hp["df_candidates"] < 1 or hp["df_refresh_epochs"] <= 0 or not 0 < hp["df_content_keep"] <= 1:
-                raise DfbenchError("DomainFusion needs df_candidates >= 1, df_refresh_epochs > 0 and "
-                                   "0 < df_content_keep <= 1")
+            if hp["df_candidates"] < 2 or hp["df_refresh_epochs"] <= 0 or not 0 <= hp["df_style_weight"] <= 1:
+                raise DfbenchError("DomainFusion needs df_candidates >= 2 (content and style each choose among "
+                                   "them), df_refresh_epochs > 0 and 0 <= df_style_weight <= 1")
             if hp["df_target"] not in TARGETS:
                 raise DfbenchError(f"df_target must be one of {', '.join(TARGETS)}, got {hp['df_target']!r}")
 
@@ -200,10 +212,10 @@ class DomainFusion(GenerativeAlgorithm):
             if self._diffusion is None:
                 raise DfbenchError("DomainFusion.prepare(context) must run before training (it loads the diffusion model)")
             hp = self.hparams
-            n = hp["df_ld_batch"]
-            sub = slice(None, None, -(-len(x) // n)) if 0 < n < len(x) else slice(None)
+            sub = ld_subset(len(x), int(hp["df_ld_batch"]))
             ld = latent_distillation(self._diffusion, self._context.dataset.to_unit(x[sub]).detach(), p_true[sub],
                                      y[sub], t_min=hp["df_t_min"], t_max=hp["df_t_max"], weighting=hp["df_w"])
+            self._context.costs.add("ld_nfe", len(ld.t))  # one denoiser call per image read
             loss = loss + hp["df_ld_weight"] * ld.loss
             terms["loss_ld"] = ld.loss.detach()
         return loss, terms
@@ -267,7 +279,7 @@ class DomainFusion(GenerativeAlgorithm):
             self._pools.append({"images": images, "labels": labels, "sources": torch.tensor(chosen, dtype=torch.long)})
 
     def refresh_period(self, context) -> int:
-        return max(1, int(round(self.hparams["df_refresh_epochs"] * context.steps_per_epoch)))
+        return refresh_period(self.hparams["df_refresh_epochs"], context.steps_per_epoch)
 
     def on_step(self, step: int, context: Any):
         if not self.AUGMENT or step == 0 or self._refreshes >= step // self.refresh_period(context):
@@ -279,13 +291,13 @@ class DomainFusion(GenerativeAlgorithm):
         return self._splits(context)
 
     def refresh(self, context) -> None:
-        """One refresh of every pool image: N candidates from it, keep one by the style/content rule."""
+        """One refresh of every pool image: N img2img candidates from it, recombined into one (``refresh_pool``)."""
         hp, ds = self.hparams, context.dataset
         round_ = self._refreshes + 1
         n = int(hp["df_candidates"])
-        keep = max(1, math.ceil(hp["df_content_keep"] * n))
         device = torch.device(context.device)
         net = StyleContentNet.choose(hp["df_style_net"], self.featurizer, ds.from_unit).to(device)
+        recombined = 0
         for env, pool in zip(context.train_envs, self._pools):
             current = pool["images"].float() / 255
             refs = [{"dataset": ds.name, "domain": ds.domains[env], "index": int(i), "pool_slot": k}
@@ -293,41 +305,54 @@ class DomainFusion(GenerativeAlgorithm):
             requests = self._requests(context, env, resize(current, self._diffusion.resolution),
                                       range(len(current)), pool["labels"], round_, n, refs)
             candidates = self._img2img(context, requests, f"DomainFusion refresh {round_} of {ds.domains[env]}")
-            with torch.no_grad():
-                ref_features = net(current.to(device))
-                cand_features = net(candidates.float().div(255).to(device))
-            cand_features = cand_features.view(len(current), n, *cand_features.shape[1:])
-            choice = select_candidates(ref_features, cand_features, keep).cpu()
-            pool["images"] = candidates.view(len(current), n, *candidates.shape[1:])[torch.arange(len(current)), choice]
+            grid = candidates.view(len(current), n, *candidates.shape[1:])
+            pool["images"], content, style = self.refresh_pool(pool["images"], grid, net, device)
+            recombined += int((content != style).sum())
             self.after_generation(context, pool["images"], pool["labels"], env, f"refresh{round_}")
             context.heartbeat()
         self._refreshes = round_
+        self._recombined = recombined / max(1, sum(len(pool["images"]) for pool in self._pools))
+
+    def refresh_pool(self, images: torch.Tensor, candidates: torch.Tensor, net: StyleContentNet,
+                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """New pool images (uint8 [P, C, H, W]) from the current ones and their candidates (uint8
+        [P, N, C, H, W]): c* (most similar content) and s* (most different style) by ``net``'s frozen
+        features, recombined; also returns the indices (c*, s*)."""
+        current, grid = images.float() / 255, candidates.float() / 255
+        with torch.no_grad():
+            ref = net(current.to(device))
+            feats = net(grid.flatten(0, 1).to(device))
+        content, style = (i.cpu() for i in content_style_choice(ref, feats.view(*grid.shape[:2], *feats.shape[1:])))
+        rows = torch.arange(len(grid))
+        new = recombine(grid[rows, content], grid[rows, style], self.hparams["df_style_weight"])
+        return self.to_uint8(new), content, style
 
     def _splits(self, context):
         return [mixed_split(split, pool["images"], pool["labels"], self.hparams["df_synthetic_fraction"])
                 for split, pool in zip(context.train_splits, self._pools)]
 
     def cdga_images(self, context) -> int:
-        """Images CDGA would generate on the same data: every in-split image toward every other training domain, k times."""
+        """Images CDGA (at its defaults) would generate on the same data."""
         from domainfusion_bench.algorithms.cdga import CDGA
 
         space = HParamSpace()
         CDGA.hparam_space(space, type(context.dataset))
-        n_in = sum(len(s) for s in context.train_splits)
-        return n_in * (len(context.train_envs) - 1) * int(space.defaults()["cdga_k"])
+        return cdga_counts(space.defaults(), [len(s) for s in context.train_splits]).images
 
     def _record_metrics(self, context) -> None:
         context.metrics.set("df_generated_vs_cdga", self._generated / max(1, self.cdga_images(context)))
         context.metrics.set("df_refreshes", self._refreshes)
+        context.metrics.set("df_recombined", self._recombined)
 
     # --- resume --------------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
         return {"pools": [{k: v.clone() for k, v in pool.items()} for pool in self._pools],
-                "refreshes": self._refreshes, "generated": self._generated}
+                "refreshes": self._refreshes, "generated": self._generated, "recombined": self._recombined}
 
     def load_extra_state(self, state: dict[str, Any], context: Any):
         self._pools = [{k: v.cpu() for k, v in pool.items()} for pool in state["pools"]]
         self._refreshes, self._generated = int(state["refreshes"]), int(state["generated"])
+        self._recombined = float(state["recombined"])
         if not self.AUGMENT:
             return None
         self._record_metrics(context)

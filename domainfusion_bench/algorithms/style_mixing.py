@@ -63,6 +63,7 @@ class StyleMixingAlgorithm(Algorithm):
     """ERM whose featurizer mixes feature statistics across samples during training."""
 
     RULE = "mixstyle"
+    DDP_EXACT = False  # statistics are mixed between examples of a rank's slice, not of the global batch
 
     def __init__(self, input_shape, num_classes, num_domains, hparams):
         super().__init__(input_shape, num_classes, num_domains, hparams)

@@ -33,6 +33,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--plugins", nargs="*", default=[], help="Python files that register algorithms")
     p.add_argument("--eval_augment", action="store_true",
                    help="evaluate training domains' splits with the training transform (DomainBed's way)")
+    p.add_argument("--no_image_store", action="store_true",
+                   help="decode and augment folder datasets per image with PIL (DomainBed's way), not from the uint8 store")
     p.set_defaults(func=_run_train)
 
 

@@ -83,16 +83,24 @@ def seeded_generator(device: torch.device | str, *key) -> torch.Generator:
 
 
 def _finish(x: torch.Tensor, transform: Callable | None, device, pin_memory: bool, generator_key,
-            original_sizes: torch.Tensor | None = None) -> torch.Tensor:
-    """Copy a tensor batch to ``device`` (uint8 when stored: 4x fewer bytes) and apply the batch transform
-    (with the images' original (height, width) when the store knows them: crops are drawn on those)."""
+            sizes: torch.Tensor | None = None, part: slice = slice(None), whole: int | None = None) -> torch.Tensor:
+    """Copy a tensor batch to ``device`` (uint8 when stored: 4x fewer bytes) and apply the batch transform.
+
+    A random transform (``RANDOM``, e.g. AugmentBatch) draws for the whole global batch (``whole``
+    images, default ``len(x)``; their original (height, width) are ``sizes``, default the stored size)
+    and applies the draws ``part`` to ``x``, this rank's slice of it: each image gets the draw it gets
+    in one process."""
     if pin_memory and x.device.type == "cpu":
         x = x.pin_memory()
     x = x.to(device, non_blocking=True)
     if transform is None:
         return x
     generator = seeded_generator(x.device, *generator_key)
-    return transform(x, generator) if original_sizes is None else transform(x, generator, original_sizes)
+    if not getattr(transform, "RANDOM", False):
+        return transform(x, generator)
+    if sizes is None:
+        sizes = torch.tensor([x.shape[-2:]], dtype=torch.long).expand(whole or len(x), 2)
+    return transform(x, generator, sizes, part)
 
 
 def training_batches(
@@ -119,13 +127,15 @@ def training_batches(
 
 def _tensor_batches(views, transforms, sizes, batch_size, seed, step, rank, world, device, pin_memory, originals=None):
     originals = originals or [None] * len(views)
+    part = slice(rank, None, world)
     while True:
-        idx = step_indices(sizes, batch_size, seed, step, rank, world)
+        idx = step_indices(sizes, batch_size, seed, step)  # the global batch: augmentation is drawn for it
         batch = []
         for domain, ((x, y, rows), i, tf, orig) in enumerate(zip(views, idx, transforms, originals)):
-            r = rows[i]
+            every = rows[i]
+            r = every[part]
             xb = _finish(x[r.to(x.device)], tf, device, pin_memory, (seed, domain, step, "augment"),
-                         None if orig is None else orig[r])
+                         None if orig is None else orig[every], part, len(every))
             batch.append((xb, y[r.to(y.device)]))
         yield batch
         step += 1
@@ -167,15 +177,19 @@ def _per_domain_batches(splits, sizes, batch_size, seed, start_step, num_workers
 
 
 def eval_batches(split: Dataset, batch_size: int, *, num_workers: int = 0, pin_memory: bool = False,
-                 rank: int = 0, world: int = 1, device: torch.device | str = "cpu",
+                 rank: int = 0, world: int = 1, device: torch.device | str = "cpu", key: tuple = (),
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One pass over this rank's shard of a split, in order (tensor-backed splits: on ``device``)."""
+    """One pass over this rank's shard of a split, in order (tensor-backed splits: on ``device``). A
+    random batch transform (``--eval_augment``) crops on the images' original sizes, from generators
+    keyed by ``key`` (the caller's: seed, step, split), the rank and the batch."""
     shard = range(rank, len(split), world)
     view = split.tensor_view() if isinstance(split, SplitDataset) else None
     if view is not None:
         x, y, rows = view
+        orig = getattr(split.dataset, "original_sizes", None)
         for k, chunk in enumerate(rows[list(shard)].split(batch_size)):
-            xb = _finish(x[chunk.to(x.device)], split.batch_transform, device, pin_memory, ("eval", k))
+            xb = _finish(x[chunk.to(x.device)], split.batch_transform, device, pin_memory, ("eval", *key, rank, k),
+                         None if orig is None else orig[chunk])
             yield xb, y[chunk.to(y.device)]
         return
     subset = torch.utils.data.Subset(split, list(shard))

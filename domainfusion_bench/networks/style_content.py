@@ -1,5 +1,6 @@
 """Style and content of frozen deep features (the MODE decomposition, Dai et al., ICML 2023), and
-DomainFusion's rule for choosing one img2img candidate per pool image.
+DomainFusion's rule for making a pool image from its img2img candidates: the candidate with the most
+similar content (c*) and the one with the most different style (s*) are recombined into one image.
 
 For a feature map f [C, H, W] of a frozen network:
 - style   = per-channel mean and standard deviation over the spatial positions, (mu, sigma) in R^2C;
@@ -41,33 +42,46 @@ def style_content(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([mu.flatten(1), sigma.flatten(1)], dim=1), content
 
 
-def select_candidates(reference: torch.Tensor, candidates: torch.Tensor, keep: int) -> torch.Tensor:
-    """Index of the chosen candidate for each reference image.
+def content_style_choice(reference: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c*, s*): for each reference image, the index of the candidate whose content is most similar to it
+    (cosine of the content vectors) and of the one whose style is most different (Euclidean distance of the
+    (mu, sigma) vectors). The two criteria act independently; ties go to the lower candidate index.
 
-    ``reference`` [P, C, H, W]: features of the P pool images; ``candidates`` [P, N, C, H, W]: features
-    of their N candidates. Rule: rank a reference's candidates by content similarity to it (cosine of
-    the content vectors), keep the ``keep`` most similar, and among those pick the one whose style is
-    farthest from the reference's (Euclidean distance of the (mu, sigma) vectors). Ties (equal style
-    distance) go to the higher content similarity, then to the lower candidate index.
+    ``reference`` [P, C, H, W]: features of the P pool images; ``candidates`` [P, N, C, H, W]: features of
+    their N candidates.
     """
     if candidates.dim() != 5 or reference.dim() != 4 or candidates.shape[0] != reference.shape[0] \
             or candidates.shape[2:] != reference.shape[1:]:
-        raise DfbenchError(f"select_candidates needs reference [P, C, H, W] and candidates [P, N, C, H, W] "
+        raise DfbenchError(f"content_style_choice needs reference [P, C, H, W] and candidates [P, N, C, H, W] "
                            f"with matching P, C, H, W; got {tuple(reference.shape)} and {tuple(candidates.shape)}")
     p, n = candidates.shape[:2]
-    if not 1 <= keep:
-        raise DfbenchError(f"select_candidates keeps at least one candidate by content, got keep={keep}")
-    keep = min(keep, n)
     ref_style, ref_content = style_content(reference)
     cand_style, cand_content = style_content(candidates.flatten(0, 1))
     cand_style, cand_content = cand_style.view(p, n, -1), cand_content.view(p, n, -1)
     similarity = F.cosine_similarity(cand_content, ref_content.unsqueeze(1), dim=2)  # [P, N]
     distance = (cand_style - ref_style.unsqueeze(1)).norm(dim=2)  # [P, N]
-    # stable sorts make the tie-breaks explicit: by similarity (desc), then index (asc)
-    order = torch.sort(similarity, dim=1, descending=True, stable=True).indices[:, :keep]  # [P, keep]
-    kept_distance = distance.gather(1, order)
-    best = torch.sort(kept_distance, dim=1, descending=True, stable=True).indices[:, 0]
-    return order.gather(1, best.unsqueeze(1)).squeeze(1)
+    return similarity.argmax(dim=1), distance.argmax(dim=1)  # argmax returns the first of equal maxima
+
+
+def recombine(content: torch.Tensor, style: torch.Tensor, style_weight: float = 1.0) -> torch.Tensor:
+    """An image with the content of ``content`` and the style of ``style`` (both [B, C, H, W] in [0, 1]).
+
+    The pixel-space form of MODE's decomposition (its decoder-free, Fourier variant): per channel, the
+    phase of the 2-D spectrum carries the content and the amplitude the style, so the new image keeps the
+    phase of ``content`` and takes the amplitude (1 - w) |F(content)| + w |F(style)|. MODE's feature-space
+    form (the AdaIN swap (f_c - mu_c) / sigma_c * sigma_s + mu_s) needs a decoder trained back to pixels for
+    the frozen network, which dfbench does not have; the selection above still reads deep features.
+    ``recombine(x, x)`` is ``x``.
+    """
+    if content.shape != style.shape or content.dim() != 4:
+        raise DfbenchError(f"recombine needs two image batches of one shape [B, C, H, W], got "
+                           f"{tuple(content.shape)} and {tuple(style.shape)}")
+    if not 0.0 <= style_weight <= 1.0:
+        raise DfbenchError(f"the style weight (df_style_weight) must be in [0, 1], got {style_weight}")
+    spec_c, spec_s = torch.fft.fft2(content.float()), torch.fft.fft2(style.float())
+    amplitude = (1 - style_weight) * spec_c.abs() + style_weight * spec_s.abs()
+    out = torch.fft.ifft2(torch.polar(amplitude, spec_c.angle())).real
+    return out.clamp(0, 1)
 
 
 def imagenet_weights_available(arch: str = "resnet50") -> bool:

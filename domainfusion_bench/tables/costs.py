@@ -17,6 +17,8 @@ COST_LABELS = {
     "cost_generated_images": ("generated images", "{:.0f}"),
     "cost_nfes": ("NFEs", "{:.0f}"),
     "cost_nfe": ("NFEs", "{:.0f}"),
+    "cost_ld_nfe": ("distillation NFEs", "{:.0f}"),
+    "cost_total_nfe": ("NFEs in all", "{:.0f}"),
     "cost_generation_seconds": ("generation (s)", "{:.1f}"),
     "cost_diffusion_train_seconds": ("diffusion train (s)", "{:.1f}"),
 }
@@ -33,6 +35,10 @@ def cost_frame(records: pd.DataFrame) -> pd.DataFrame:
     how = {k: COST_COLUMNS[k][1] if k in COST_COLUMNS else "last" for k in keys}
     per_run = g.agg(how) if keys else g.size().to_frame("n")[[]]
     per_run = per_run.reset_index()
+    if "cost_ld_nfe" in per_run:  # total denoiser work: generation NFEs + DomainFusion's distillation calls
+        parts = [k for k in ("cost_nfe", "cost_ld_nfe") if k in per_run]
+        per_run["cost_total_nfe"] = per_run[parts].sum(axis=1, min_count=1)
+        keys.insert(max(keys.index(k) for k in parts) + 1, "cost_total_nfe")
     out = per_run.groupby(["dataset", "algorithm"], sort=True)[keys].mean()
     out.insert(0, "runs", per_run.groupby(["dataset", "algorithm"], sort=True).size())
     return out.reset_index()

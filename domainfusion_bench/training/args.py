@@ -72,6 +72,7 @@ class TrainArgs:
     gen_batch_size: int | None = None  # images per denoiser call in generation stages (speed only)
     plugins: list[str] = field(default_factory=list)
     eval_augment: bool = False  # DomainBed: training domains' validation splits use the training transform
+    no_image_store: bool = False  # folder datasets through DomainBed's per-image PIL pipeline, never the store
 
 
 def resolve_hparams(args: TrainArgs) -> dict[str, Any]:

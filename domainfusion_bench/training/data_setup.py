@@ -26,14 +26,18 @@ def make_splits(dataset: MultiDomainDataset, args: TrainArgs, hparams: dict[str,
     eval_tf, train_tf = dataset.eval_transform(), dataset.train_transform(augment)
     batch_tf = getattr(dataset, "batch_transform", lambda augment: None)  # stored folder datasets have one
     eval_btf, train_btf = batch_tf(False), batch_tf(augment)
+    # a store crops from its larger copy (the detail of the original), and evaluates on the resized one
+    crop_envs = getattr(dataset, "crop_envs", None) if getattr(dataset, "stored", False) and augment else None
     train, splits, index_record = [], {}, {}
     for i, env in enumerate(dataset.envs):
         out_idx, in_idx = split_indices(len(env), args.trial_seed, i, args.holdout_fraction)
+        train_env = crop_envs[i] if crop_envs else env
         if i not in args.test_envs:
-            train.append(SplitDataset(env, in_idx, train_tf, train_btf))
-        tf, btf = (train_tf, train_btf) if eval_augment and i not in args.test_envs else (eval_tf, eval_btf)
-        splits[f"env{i}_in"] = SplitDataset(env, in_idx, tf, btf)
-        splits[f"env{i}_out"] = SplitDataset(env, out_idx, tf, btf)
+            train.append(SplitDataset(train_env, in_idx, train_tf, train_btf))
+        augmented = eval_augment and i not in args.test_envs
+        tf, btf, src = (train_tf, train_btf, train_env) if augmented else (eval_tf, eval_btf, env)
+        splits[f"env{i}_in"] = SplitDataset(src, in_idx, tf, btf)
+        splits[f"env{i}_out"] = SplitDataset(src, out_idx, tf, btf)
         index_record[f"env{i}"] = {"domain": dataset.domains[i], "in": in_idx, "out": out_idx}
     return train, splits, index_record
 
@@ -43,11 +47,23 @@ def load_data(args: TrainArgs, speed: Speed, dataset: MultiDomainDataset | None 
     dataset = dataset or get_dataset(args.dataset, args.data_dir)
     dataset.check_test_envs(args.test_envs)
     store = getattr(dataset, "load_store", None)
-    if (speed.image_store and store is not None and not dataset.stored
-            and dataset.store_bytes() <= speed.store_max_gb * 2**30):
-        started = time.perf_counter()
-        path = store(Path(args.data_dir) / ".dfbench_cache", num_workers=workers)
-        print(f"image store: {path} ({dataset.store_bytes() / 2**30:.2f} GiB, {time.perf_counter() - started:.1f} s)")
+    if store is None:
+        return dataset
+    cache = Path(args.data_dir) / ".dfbench_cache"
+    # which path ran goes to args["protocol"]: the store limit (DFBENCH_STORE_GB) is not in the run's hash
+    if args.no_image_store or not speed.image_store:
+        dataset.store_protocol = {"used": False, "why": "--no_image_store" if args.no_image_store else "Speed"}
+    elif not dataset.stored and dataset.store_bytes(cache) > speed.store_max_gb * 2**30:
+        dataset.store_protocol = {"used": False, "why": f"{dataset.store_bytes(cache) / 2**30:.1f} GiB > "
+                                                        f"DFBENCH_STORE_GB {speed.store_max_gb:g}"}
+    else:
+        if not dataset.stored:
+            started = time.perf_counter()
+            path = store(cache, num_workers=workers)
+            print(f"image store: {path} ({dataset.store_bytes(cache) / 2**30:.2f} GiB, "
+                  f"{time.perf_counter() - started:.1f} s)")
+        dataset.store_protocol = {"used": True, "crop_copy_px": dataset.crop_size, "resolution": dataset.resolution,
+                                  "crop_copy_is_original": bool(dataset.crop_copy_is_original)}
     return dataset
 
 

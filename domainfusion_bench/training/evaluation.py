@@ -24,13 +24,13 @@ def splits_to_evaluate(n_domains: int, test_envs: Sequence[int], mode: str) -> l
 
 
 def accuracy(algorithm: Algorithm, split: SplitDataset, runtime: Runtime, batch_size: int, workers: int,
-             speed: Speed | None = None) -> float:
+             speed: Speed | None = None, key: tuple = ()) -> float:
     speed = (speed or Speed()).on(runtime.cuda)
     correct = torch.zeros(2, dtype=torch.float64, device=runtime.device)
     algorithm.eval()
     with torch.no_grad(), runtime.accelerator.autocast():
         for x, y in eval_batches(split, batch_size, num_workers=workers, pin_memory=speed.pin_memory,
-                                 rank=runtime.rank, world=runtime.world, device=runtime.device):
+                                 rank=runtime.rank, world=runtime.world, device=runtime.device, key=key):
             x = model_input(x, runtime, speed.channels_last)
             y = y.to(runtime.device, non_blocking=True)
             pred = algorithm.predict(x).argmax(1)

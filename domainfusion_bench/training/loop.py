@@ -29,6 +29,8 @@ def _new_window() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def _train(args: TrainArgs, hparams: dict[str, Any], runtime: Runtime, run_dir: Path, speed: Speed | None = None) -> None:
     run = start_run(args, hparams, runtime, run_dir, speed)
     resume(run)
+    runtime.set_global_batch(hparams["batch_size"], run.algorithm)
+    runtime.seed_rank(args.seed, run.start_step)  # after resume: a resume point holds the main rank's streams
     eval_bs = args.eval_batch_size or (1024 if runtime.cuda else 256)
 
     def batches_from(step: int):
@@ -78,7 +80,7 @@ def _checkpoint(run: Run, step: int, sums: dict[str, torch.Tensor], timing: dict
     """Evaluate, append the record, then save the resume point (main process)."""
     args, hparams, runtime = run.args, run.hparams, run.runtime
     n = max(timing["n"], 1)
-    losses = {name: runtime.mean_over_ranks(total / n).item() for name, total in sums.items()}
+    losses = {name: runtime.batch_mean_over_ranks(total / n).item() for name, total in sums.items()}
     if run.diverged_at is None and not all(np.isfinite(v) for v in losses.values()):
         run.diverged_at = step  # DomainBed keeps a diverged run's checkpoints in selection: so do we
         print(f"warning: loss became non-finite by step {step} ({args.algorithm}, lr={hparams['lr']}): the run "
@@ -93,7 +95,7 @@ def _checkpoint(run: Run, step: int, sums: dict[str, torch.Tensor], timing: dict
     }
     for name in eval_names:
         record[f"{name}_acc"] = accuracy(run.algorithm, run.splits[name], runtime, eval_bs, min(run.workers, 4),
-                                         run.speed)
+                                         run.speed, key=(args.seed, step, name))
     elapsed = run.elapsed_before + time.perf_counter() - run_start
     record.update(mem_gb=runtime.peak_memory_gb(), wall_time=elapsed, hparams=hparams, args=run.record_args)
     record.update(run.context.costs.record_fields())

@@ -10,7 +10,9 @@ import numpy as np
 import torch
 
 from domainfusion_bench import runfiles
+from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.training.data_setup import data_to_device
+from domainfusion_bench.training.runtime import Runtime
 from domainfusion_bench.training.setup import Run
 
 
@@ -43,10 +45,36 @@ def resume_state(run: Run, step: int, elapsed: float) -> dict[str, Any]:
             "diverged_at": run.diverged_at}
 
 
+def load_agreed(runtime: Runtime, path) -> dict[str, Any] | None:
+    """The resume point as the main rank judges it: only the main rank may find it corrupt and move it
+    aside; it tells the others whether to resume, and they then read the file it read. All ranks resume
+    or all restart: a rank that cannot read what the main one read stops every rank with one error."""
+    # accelerate's CPU device under several processes is "cpu:<rank>", which torch.load cannot map to
+    where = "cpu" if runtime.device.type == "cpu" else runtime.device
+    state = runfiles.load_resume(path, map_location=where) if runtime.is_main else None
+    if runtime.world == 1:
+        return state
+    from accelerate.utils import broadcast_object_list
+
+    resuming = broadcast_object_list([state is not None])[0]
+    failed = ""
+    if resuming and not runtime.is_main:
+        try:
+            state = torch.load(path, map_location=where, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure: the ranks must not split
+            failed = f"{type(err).__name__}: {err}".splitlines()[0]
+    failures = runtime.sum_over_ranks(torch.tensor([float(bool(failed))], device=runtime.device))
+    if failures.item() > 0:
+        raise DfbenchError(f"the main process resumes from {path}, but {int(failures.item())} other process(es) could "
+                           f"not read it{f' ({failed})' if failed else ''}. Check that every process sees the same "
+                           f"output dir (a shared file system), then run again.")
+    return state
+
+
 def resume(run: Run) -> None:
-    """Continue ``run`` from its resume point, when it has a readable one."""
+    """Continue ``run`` from its resume point, when it has a readable one (the main rank decides)."""
     runtime, run_dir = run.runtime, run.run_dir
-    state = runfiles.load_resume(run_dir / runfiles.RESUME, map_location=runtime.device)
+    state = load_agreed(runtime, run_dir / runfiles.RESUME)
     if state is not None:
         restored = run.algorithm.load_resume_state(state["algorithm"], run.context)
         if restored is not None:

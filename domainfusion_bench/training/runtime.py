@@ -34,10 +34,15 @@ class Runtime:
 
     Several processes (``accelerate launch``) train one run with accelerate's DDP (``accelerator.prepare``
     of the algorithm's ``LossStep``): gradients are averaged in buckets of ~25 MB, overlapped with the
-    backward pass, only over trainable parameters (frozen helper models are left out); parameters a step
-    does not use are found and skipped (``find_unused_parameters``), so no rank waits for a gradient that
-    never comes. An algorithm that overrides ``update`` and computes its loss without ``LossStep`` still
-    gets averaged gradients: ``backward`` then all-reduces them itself, one flat tensor per bucket.
+    backward pass, only over trainable parameters (frozen helper models are left out). Parameters a step
+    does not use are looked for (``find_unused_parameters``) only for algorithms that say they have some
+    (``Algorithm.DDP_FIND_UNUSED``): the search costs a graph traversal per step. An algorithm that
+    overrides ``update`` and computes its loss without ``LossStep`` still gets averaged gradients:
+    ``backward`` then all-reduces them itself, one flat tensor per bucket.
+
+    Ranks take ``[rank::world]`` of every global minibatch, so with an odd batch their slices differ in
+    size; ``backward`` weights each rank's loss by ``loss_weight`` (``set_global_batch``) so that the
+    averaged gradient is the gradient of the global batch's mean loss, as in one process.
     """
 
     def __init__(self, args: TrainArgs):
@@ -49,11 +54,7 @@ class Runtime:
         if args.device.startswith("cuda:") and "LOCAL_RANK" not in os.environ:
             torch.cuda.set_device(int(args.device.split(":")[1]))
         bf16 = args.precision == "bf16" or (args.precision == "auto" and not want_cpu and torch.cuda.is_bf16_supported())
-        from accelerate.utils import DistributedDataParallelKwargs
-
-        # find_unused_parameters: a method's extra losses may leave some trainable parameters out of a step
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-        self.accelerator = Accelerator(cpu=want_cpu, mixed_precision="bf16" if bf16 else "no", kwargs_handlers=[ddp])
+        self.accelerator = Accelerator(cpu=want_cpu, mixed_precision="bf16" if bf16 else "no")
         self.device = self.accelerator.device
         self.cuda = self.device.type == "cuda"
         self.rank = self.accelerator.process_index
@@ -67,6 +68,31 @@ class Runtime:
         self.ddp: torch.nn.Module | None = None  # the DDP-wrapped LossStep, under several processes
         self._ddp_armed = False  # a forward went through DDP and its backward has not run yet
         self.flat_all_reduces = 0  # all-reduces of the fallback path (tests count them)
+        self.loss_weight = 1.0  # this rank's share of the global batch times world (set_global_batch)
+
+    def set_global_batch(self, batch_size: int, algorithm: Algorithm | None = None) -> None:
+        """Weight this rank's loss by its share of a global per-domain batch of ``batch_size`` (the rank
+        holds ``len(range(rank, batch_size, world))`` of each domain's examples)."""
+        if batch_size < self.world:
+            raise DfbenchError(f"batch_size {batch_size} is smaller than the {self.world} processes: some would get "
+                               f"no examples. Use batch_size >= {self.world} or fewer processes.")
+        share = len(range(self.rank, batch_size, self.world)) / batch_size
+        self.loss_weight = algorithm.ddp_loss_weight(share, self.world) if algorithm is not None else share * self.world
+
+    def seed_rank(self, seed: int, step: int) -> None:
+        """Give every rank but the main one its own random streams (dropout, mixing draws, loader workers),
+        keyed by (seed, rank, step) so a resumed run draws them again; rank 0 keeps the 1-process stream."""
+        if self.world > 1 and self.rank > 0:
+            import random
+
+            import numpy as np
+
+            from domainfusion_bench.protocol import seed_hash
+
+            key = seed_hash(seed, "rank", self.rank, step)
+            random.seed(key)
+            np.random.seed(key)
+            torch.manual_seed(key)
 
     def distribute(self, algorithm: Algorithm, params: Sequence[torch.nn.Parameter]) -> None:
         """Under several processes: wrap the algorithm's loss in accelerate's DDP and route its training
@@ -75,6 +101,11 @@ class Runtime:
             return
         from torch.nn.parallel import DistributedDataParallel
 
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # the search for unused parameters walks the autograd graph every step: only where needed
+        self.accelerator.ddp_handler = DistributedDataParallelKwargs(
+            find_unused_parameters=bool(getattr(algorithm, "DDP_FIND_UNUSED", False)))
         step = LossStep(algorithm)
         trainable = {id(p) for p in params}
         frozen = [f"algorithm.{name}" for name, p in algorithm.named_parameters() if id(p) not in trainable]
@@ -94,9 +125,10 @@ class Runtime:
 
     def backward(self, loss: torch.Tensor, params: Sequence[torch.nn.Parameter], **kw) -> None:
         """``kw`` (retain_graph, create_graph) goes to ``Tensor.backward``. Under several processes the
-        gradients come out averaged over ranks (each rank saw a slice of every minibatch)."""
+        gradients come out averaged over ranks (each rank saw a slice of every minibatch), each rank's loss
+        weighted by its share of the global batch."""
         armed, self._ddp_armed = self._ddp_armed, False
-        self.accelerator.backward(loss, **kw)
+        self.accelerator.backward(loss * self.loss_weight if self.loss_weight != 1.0 else loss, **kw)
         if self.world > 1 and not armed:  # the loss did not come through DDP: average here, bucket by bucket
             self.all_reduce_gradients(params)
 
@@ -137,6 +169,12 @@ class Runtime:
 
     def mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(values.to(self.device), reduction="mean") if self.world > 1 else values
+
+    def batch_mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-rank batch means -> the global batch's mean (ranks weighted by their share, as in ``backward``)."""
+        if self.world == 1:
+            return values
+        return self.accelerator.reduce(values.to(self.device) * self.loss_weight, reduction="sum") / self.world
 
     def peak_memory_gb(self) -> float:
         if self.cuda:

@@ -91,6 +91,10 @@ def protocol_settings(runtime: Runtime, speed: Speed, args: TrainArgs, dataset: 
             "cudnn_benchmark": bool(runtime.cuda and torch.backends.cudnn.benchmark),
             "eval_augment": bool(speed.eval_augment or args.eval_augment),
             "eval_splits": args.eval_splits,
+            "image_store": getattr(dataset, "store_protocol", None),  # None: not a folder dataset
+            # several processes: whether the algorithm's loss makes DDP exactly the 1-process run (README)
+            **({"processes": runtime.world, "ddp_exact": bool(ALGORITHMS.get(args.algorithm).DDP_EXACT)}
+               if runtime.world > 1 else {}),
             "dataset": list(getattr(dataset, "DIFFERENCES", ()))}
 
 

@@ -1,6 +1,6 @@
 """Model selection exactly as DESIGN.md section 3 (DomainBed's three methods), on a pandas frame.
 
-Pure: a records frame in (``collect.records_to_frame`` / ``collect.load_records``), one row per group
+Pure: a records frame in (``frames.records_to_frame`` / ``collect.load_records``), one row per group
 out. A group is (dataset, algorithm, test_env, trial_seed); a record with test envs [t, v] belongs to
 the groups of t and of v.
 
@@ -28,6 +28,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from domainfusion_bench.frames import infer_n_envs, records_to_frame
+
 METHODS = {
     "iid": "training-domain validation set",
     "loo": "leave-one-domain-out cross-validation",
@@ -42,8 +44,6 @@ _ACC = re.compile(r"^env(\d+)_(in|out)_acc$")
 def _frame(records: Any) -> pd.DataFrame:
     if isinstance(records, pd.DataFrame):
         return records
-    from domainfusion_bench.collect import records_to_frame
-
     return records_to_frame(records)[0]
 
 
@@ -65,8 +65,6 @@ class _Coded:
     the time on a big sweep), the accuracy matrices, and each record's number of domains."""
 
     def __init__(self, df: pd.DataFrame, n_envs: Mapping[str, int] | None):
-        from domainfusion_bench.collect import infer_n_envs
-
         ds_codes, ds_names = pd.factorize(df["dataset"], sort=True)
         al_codes, al_names = pd.factorize(df["algorithm"], sort=True)
         self.datasets = np.asarray(ds_names, dtype=object)

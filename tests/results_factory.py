@@ -118,3 +118,30 @@ def write_fake_previews(run: Path, domains: Sequence[str], og: bool = False, ora
                                        group=f"base-{domain}", valid=[bool(k % 3) for k in range(n)],
                                        guidance=[] if og_label in (None, "unguided") else ["ValidityGuidance"]))
     write_previews(run, strips)
+
+
+def write_dfbench_run(root: Path, name: str, accs: Sequence[dict[str, float]], fingerprint_edit: dict | None = None,
+                      protocol: dict | None = None, older_hparams: dict | None = None, **train_args: Any) -> Path:
+    """A run dir as ``dfbench train`` leaves it: records whose ``args`` / ``hparams`` are real ones, and
+    its ``fingerprint.json`` (``fingerprint_edit`` changes it, as an older dfbench or a hand edit would).
+    One record per entry of ``accs`` (steps 0, 1, ...); ``protocol`` changes the recorded settings;
+    ``older_hparams`` changes the resolved hyperparameters of records and fingerprint alike (older defaults)."""
+    import dataclasses
+
+    from domainfusion_bench.training import TrainArgs, resolve_hparams, run_fingerprint
+
+    args = TrainArgs(**{"dataset": "RotatedDigits", "algorithm": "ERM", "test_envs": [0], **train_args})
+    hparams = {**resolve_hparams(args), **(older_hparams or {})}
+    record_args = {**dataclasses.asdict(args), "output_dir": str(Path(root) / name),
+                   "protocol": {"precision": "fp32", "cudnn_benchmark": False, "eval_augment": args.eval_augment,
+                                "eval_splits": args.eval_splits, "image_store": {"used": False}, "dataset": [],
+                                **(protocol or {})}}
+    recs = [{"step": step, "args": record_args, "hparams": hparams, **acc} for step, acc in enumerate(accs)]
+    run = write_run(root, name, recs, domains=["0", "15", "30", "45", "60", "75"])
+    fingerprint = run_fingerprint(args, hparams)
+    for key, value in (fingerprint_edit or {}).items():
+        if key == "hparams_resolved":
+            value = {**fingerprint[key], **value}
+        fingerprint[key] = value
+    (run / "fingerprint.json").write_text(json.dumps(fingerprint, sort_keys=True))
+    return run

@@ -155,7 +155,7 @@ def test_cost_keys_are_kept(tmp_path):
 
 def test_damaged_seeds_and_binary_files_never_crash_collection(tmp_path):
     from domainfusion_bench import runfiles
-    from domainfusion_bench.collect.values import _as_int
+    from domainfusion_bench.frames.values import _as_int
 
     assert [_as_int(v) for v in ["--1", "\u00b2", " 7 ", "-3", "3.5", True]] == [None, None, 7, -3, None, None]
     path = tmp_path / "splits.json"
@@ -165,7 +165,7 @@ def test_damaged_seeds_and_binary_files_never_crash_collection(tmp_path):
 
 def _reference_row(rec):
     """One record -> its frame row, the rule written out record by record (what the columnar loader must equal)."""
-    from domainfusion_bench.collect.values import _args_row, _as_float, _as_int, _keep
+    from domainfusion_bench.frames.values import _args_row, _as_float, _as_int, _keep
 
     if not isinstance(rec, dict):
         return None
@@ -183,7 +183,7 @@ def _reference_row(rec):
 def test_columnar_loading_equals_the_record_by_record_rule(monkeypatch, chunk):
     import pandas as pd
 
-    from domainfusion_bench.collect import frame as collect_frame
+    from domainfusion_bench.frames import build as collect_frame
 
     monkeypatch.setattr(collect_frame._Pending, "LIMIT", chunk)  # values become matrices every few records, or at the end
     rng = np.random.default_rng(0)

@@ -13,7 +13,7 @@ LAYERS = {
     "data": 1, "networks": 1, "diffusion": 1,
     "algorithms": 2,
     "training": 3, "catalog": 3, "shipping": 3,
-    "sweep": 4, "selection": 4, "collect": 4, "tables": 4, "report": 4, "launchers": 5, "bench": 5,
+    "sweep": 4, "frames": 4, "selection": 4, "collect": 4, "tables": 4, "report": 4, "launchers": 5, "bench": 5,
     "cli": 6, "__main__": 7,
 }
 
@@ -60,6 +60,8 @@ def test_named_directions():
     assert "cli" not in g["launchers"]
     assert not any(d.startswith("training") for m, deps in g.items() if m.startswith("data") for d in deps)
     assert not ("report" in g["tables"] and "tables" in g["report"])
+    # selection is a pure function of records: it reads frames, never the collector (collect may use it)
+    assert not any(d.startswith("collect") for m, deps in g.items() if m.startswith("selection") for d in deps)
 
 
 def test_no_import_cycles():

@@ -123,6 +123,56 @@ def test_a_running_run_is_left_alone(tmp_path, fake_trainer):
     assert not (job.run_dir / runfiles.RESULTS).exists()
 
 
+def test_launch_reruns_a_stale_run(tmp_path, fake_trainer, capsys):
+    from domainfusion_bench.training import resolve_hparams, run_fingerprint
+
+    spec = four_runs(tmp_path, test_envs=[[0]])
+    job = make_jobs(spec)[0]
+    job.run_dir.mkdir(parents=True)
+    (job.run_dir / runfiles.RESULTS).write_text(json.dumps({"step": 0, "env0_in_acc": 0.99}) + "\n")
+    (job.run_dir / runfiles.DONE).write_text("done\n")
+    fingerprint = run_fingerprint(job.args, resolve_hparams(job.args))
+    runfiles.write_fingerprint(job.run_dir, {**fingerprint, "holdout_fraction": 0.5})  # made under another one
+    assert job_states([job])[0].stale
+    assert launch_sweep(spec, "local", {"preload": False}).outcomes[Outcome.DONE] == 1
+    assert "env0_in_acc" not in first_record(job) and "argv" in first_record(job)  # the rerun's, not the old
+    assert not (job.run_dir / runfiles.FINGERPRINT).exists() and job_states([job])[0].state == State.DONE
+    assert "1 stale run(s), done under another configuration, are rerun" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, where", [
+    ({"additional": {"constraint": "a100\nrm -rf ~"}}, "additional.constraint"),
+    ({"additional": {"account": "lab\r"}}, "additional.account"),
+    ({"additional": {"comment": "a\x00b"}}, "additional.comment"),
+    ({"additional": {"comment": "\x1b[2J"}}, "additional.comment"),
+    ({"partition": "gpu\n#SBATCH --wrap=sh"}, "partition"),
+])
+def test_sbatch_values_with_control_characters_are_refused(tmp_path, options, where):
+    spec = four_runs(tmp_path, launcher="slurm", launcher_options={"slurm": {**options, "cluster": "local"}})
+    with pytest.raises(DfbenchError, match=rf"{where} holds a control character .* refused"):
+        launch_sweep(spec)  # before anything is submitted
+    assert not (tmp_path / "out").exists()
+    clean = four_runs(tmp_path)
+    with pytest.raises(DfbenchError, match="not an sbatch option name"):
+        make_launcher(clean, "slurm", {"additional": {"constraint\n": "a100"}}).check()
+    make_launcher(clean, "slurm", {"additional": {"constraint": "a100|h100", "nice": 10}}).check()
+
+
+def test_launching_a_sweep_runs_its_plugins(tmp_path, fake_trainer, monkeypatch):
+    from domainfusion_bench.algorithms import ALGORITHMS
+
+    monkeypatch.setattr(ALGORITHMS, "_entries", dict(ALGORITHMS._entries))
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text("from pathlib import Path\nfrom domainfusion_bench.algorithms import register_algorithm\n"
+                      "from domainfusion_bench.algorithms.erm import ERM\n"
+                      "Path(__file__).with_name('plugin_ran').write_text('yes')\n"
+                      "register_algorithm('PluginERM')(type('PluginERM', (ERM,), {}))\n")
+    spec = four_runs(tmp_path, algorithms=["PluginERM"], plugins=[str(plugin)], test_envs=[[0]])
+    assert not (tmp_path / "plugin_ran").exists()  # parsing ran nothing
+    assert launch_sweep(spec, "local", {"preload": False}).outcomes[Outcome.DONE] == 1
+    assert (tmp_path / "plugin_ran").exists()
+
+
 def test_dry_run_prints_argument_lists(tmp_path, capsys):
     spec = four_runs(tmp_path, algorithms=["ERM", "CDGA*"], hparams={"batch_size": 8})
     launch_sweep(spec, "dry_run")

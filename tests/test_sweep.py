@@ -276,6 +276,30 @@ def test_a_done_run_made_under_other_defaults_is_not_counted_done(tmp_path):
     assert state.state == State.FAILED and "another configuration" in state.reason and "cnn_width" in state.reason
 
 
+def test_delete_incomplete_removes_a_stale_run_and_says_how_many_are_stale(tmp_path, monkeypatch, capsys):
+    from domainfusion_bench.training import resolve_hparams, run_fingerprint
+
+    jobs = make_jobs(spec(tmp_path, n_hparams=1, n_trials=1, test_envs=[[0], [1], [2]]))
+    stale, current, crashed = (j.run_dir for j in jobs)
+    for job in jobs[:2]:
+        job.run_dir.mkdir(parents=True)
+        (job.run_dir / runfiles.DONE).write_text("done\n")
+        fingerprint = run_fingerprint(job.args, resolve_hparams(job.args))
+        if job is jobs[0]:
+            fingerprint["hparams_resolved"]["cnn_width"] = 7  # made under another default
+        runfiles.write_fingerprint(job.run_dir, fingerprint)
+    lock(crashed, dead_pid())
+    with pytest.raises(DfbenchError, match=r"2 run dirs \(1 of them stale: done under another configuration\) "
+                                           r"would be deleted; pass --yes"):
+        delete_incomplete(jobs, yes=False)
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda prompt: capsys.readouterr() and print(prompt) or "n")
+    assert delete_incomplete(jobs, yes=False) == []
+    assert "delete these 2 run dirs (1 of them stale" in capsys.readouterr().out
+    assert sorted(delete_incomplete(jobs, yes=True)) == sorted([stale, crashed])
+    assert current.exists() and not stale.exists()
+
+
 def test_a_spec_for_many_algorithms_runs_with_a_subset_of_them(tmp_path):
     # the demo spec fixes DiTi's and DomainFusion's hyperparameters; `--algorithms ERM` must still work
     jobs = make_jobs(spec(tmp_path, datasets=["DigitStyles"], algorithms=["ERM"], test_envs=[[2]],
@@ -284,3 +308,55 @@ def test_a_spec_for_many_algorithms_runs_with_a_subset_of_them(tmp_path):
     assert all(set(json.loads(j.args.hparams)) == {"lr"} for j in jobs)
     with pytest.raises(DfbenchError, match="no registered algorithm has it"):
         spec(tmp_path, hparams={"diti_encoder_widht": 16})
+
+
+PLUGIN = """
+from pathlib import Path
+from domainfusion_bench.algorithms import register_algorithm
+from domainfusion_bench.algorithms.erm import ERM
+
+Path(__file__).with_name("plugin_ran").write_text("yes")  # the side effect a spec's code may have
+
+
+@register_algorithm("PluginERM")
+class PluginERM(ERM):
+    pass
+"""
+
+
+def test_a_specs_plugins_run_only_when_it_is_launched_or_trusted(tmp_path, monkeypatch, capsys):
+    from domainfusion_bench.algorithms import ALGORITHMS
+
+    monkeypatch.setattr(ALGORITHMS, "_entries", dict(ALGORITHMS._entries))  # the plugin's name stays in this test
+    plugin, ran = write(tmp_path / "plugin.py", PLUGIN), tmp_path / "plugin_ran"
+    path = write(tmp_path / "s.yaml", f"datasets: [RotatedDigits]\nalgorithms: [PluginERM]\nn_hparams: 1\n"
+                                      f"n_trials: 1\ntest_envs: [[0]]\nplugins: [{plugin}]\n"
+                                      f"output_dir: {tmp_path / 'out'}\n")
+    s = load_spec(path)  # parsed, not run
+    assert s.algorithms == ["PluginERM"] and not ran.exists()
+    for argv in (["sweep", "status", "--spec", str(path)],
+                 ["sweep", "launch", "--spec", str(path), "--launcher", "dry_run"],
+                 ["sweep", "delete-incomplete", "--spec", str(path), "--yes"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert re.search(r"PluginERM is not built in .* plugins .* which are code: dfbench runs them only to launch "
+                         r"the sweep.*--trust-plugins", capsys.readouterr().err)
+        assert not ran.exists()
+    main(["sweep", "status", "--spec", str(path), "--trust-plugins"])
+    assert ran.exists() and "1 jobs" in capsys.readouterr().out
+
+
+def test_a_plugins_algorithm_or_hparam_typo_is_caught_once_the_plugins_run(tmp_path, monkeypatch):
+    from domainfusion_bench.algorithms import ALGORITHMS
+    from domainfusion_bench.sweep import with_plugins
+
+    monkeypatch.setattr(ALGORITHMS, "_entries", dict(ALGORITHMS._entries))
+    plugin = str(write(tmp_path / "plugin.py", PLUGIN))
+    typo = spec(tmp_path, algorithms=["PluginERM"], plugins=[plugin], hparams={"lr_typo": 1})  # maybe the plugin's
+    with pytest.raises(DfbenchError, match="unknown hyperparameter 'lr_typo' .*no registered algorithm has it"):
+        with_plugins(typo)
+    with pytest.raises(DfbenchError, match="algorithms: .*PluginERN.*after loading the plugins"):
+        with_plugins(spec(tmp_path, algorithms=["PluginERN"], plugins=[plugin]))
+    with pytest.raises(DfbenchError, match="algorithms: "):  # no plugins: a typo is caught at parse time
+        spec(tmp_path, algorithms=["PluginERN"])
+    assert with_plugins(spec(tmp_path, algorithms="all", plugins=[plugin])).algorithms[-1] == "PluginERM"

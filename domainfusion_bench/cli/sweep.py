@@ -24,13 +24,16 @@ def _add_spec_overrides(p, spec_default: str | None = None) -> None:
                    help="JSON, merged into the spec's fixed hparams key by key: '{\"lr\": 1e-4}'")
     p.add_argument("--output_dir", default=None, help="default: results/<name>")
     p.add_argument("--data_dir", default=None, help="root of the datasets (default: datasets, or $DFBENCH_DATA)")
+    p.add_argument("--trust-plugins", action="store_true",
+                   help="run the spec's plugins (code) also without launching: for status, delete-incomplete and "
+                        "the dry_run launcher of a sweep whose algorithms come from plugins")
 
 
 def _spec_from(ns):
     import yaml
 
     from domainfusion_bench.errors import DfbenchError
-    from domainfusion_bench.sweep import load_spec, load_yaml
+    from domainfusion_bench.sweep import load_spec, load_yaml, with_plugins
 
     overrides = {k: getattr(ns, k) for k in ("name", "datasets", "algorithms", "n_hparams", "n_hparams_from",
                                              "n_trials", "steps", "checkpoint_freq", "output_dir", "data_dir")}
@@ -43,7 +46,8 @@ def _spec_from(ns):
                 overrides[key] = load_yaml(text)
             except yaml.YAMLError:
                 raise DfbenchError(f"--{key} {text!r} is not valid YAML/JSON") from None
-    return load_spec(ns.spec, overrides)
+    spec = load_spec(ns.spec, overrides)
+    return with_plugins(spec) if ns.trust_plugins else spec
 
 
 def _launcher_options(pairs) -> dict:

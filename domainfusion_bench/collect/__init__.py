@@ -19,7 +19,7 @@ The frame has one row per record and these columns:
   ``cost_*`` key.
 """
 
-from domainfusion_bench.collect.frame import infer_n_envs, records_to_frame
+from domainfusion_bench.frames import infer_n_envs, records_to_frame
 from domainfusion_bench.collect.load import Collection, CollectWarning, load_records
 
 __all__ = ["Collection", "CollectWarning", "infer_n_envs", "load_records", "records_to_frame"]

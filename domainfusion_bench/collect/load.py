@@ -18,8 +18,9 @@ import pandas as pd
 
 from domainfusion_bench import runfiles
 from domainfusion_bench.collect.domains import DOMAINBED_ENVIRONMENTS, _splits_domains
-from domainfusion_bench.collect.frame import _frame, _FrameBuilder, infer_n_envs
-from domainfusion_bench.collect.values import OVERRIDES
+from domainfusion_bench.collect.stale import configuration, stale_reason
+from domainfusion_bench.frames.build import _frame, _FrameBuilder, infer_n_envs
+from domainfusion_bench.frames.values import OVERRIDES
 from domainfusion_bench.errors import DfbenchError
 
 RUN_KEY = ["dataset", "algorithm", "test_env", "test_env2", "n_test_envs", "hparams_seed", "trial_seed"]
@@ -41,6 +42,7 @@ class Collection:
     incomplete_runs: list[str] = field(default_factory=list)  # not done and ignored
     included_incomplete: list[str] = field(default_factory=list)  # not done but included
     duplicate_runs: int = 0  # run dirs whose run key another run dir already has
+    stale_runs: dict[str, str] = field(default_factory=dict)  # left out: run -> what its fingerprint says differs
     domains: dict[str, list[str]] = field(default_factory=dict)  # dataset -> domain names by env index
 
     @property
@@ -55,6 +57,8 @@ class Collection:
             parts.append(f"runs not done (ignored): {len(self.incomplete_runs)}")
         if self.included_incomplete:
             parts.append(f"runs not done (included): {len(self.included_incomplete)}")
+        if self.stale_runs:
+            parts.append(f"stale runs (left out): {len(self.stale_runs)}")
         return parts[0] + " (" + "; ".join(parts[1:]) + ")"
 
 
@@ -108,6 +112,7 @@ class _RunRead(NamedTuple):
     first_block: int = 0
     n_blocks: int = 0
     domains: tuple[str, ...] | None = None
+    stale: str | None = None  # made under another configuration: left out, this says why
 
 
 def _read_runs(runs: Sequence[tuple[str, str, bool]], include_incomplete: bool) -> tuple[list[_RunRead], _FrameBuilder]:
@@ -124,13 +129,42 @@ def _read_runs(runs: Sequence[tuple[str, str, bool]], include_incomplete: bool) 
             except (OSError, UnicodeDecodeError) as err:
                 out.append(_RunRead(name, done, error=f"could not read {results}: {err}"))
                 continue
+            fingerprint, stale = _fingerprint(run_dir, records)
+            if stale is not None:
+                out.append(_RunRead(name, done, stale=stale))
+                continue
             first = len(builder.blocks)
             bad, blocks = builder.add(records, name)
+            if fingerprint is not None and blocks:  # rows pool runs of one configuration only
+                key = configuration(fingerprint, records[0].get("args"))
+                for block in blocks:
+                    block[1] = {**block[1], OVERRIDES: key}
             del records
             domains = _splits_domains(run_dir, splits_seen) if blocks else None
             out.append(_RunRead(name, done, None, skipped + bad, first, len(blocks), domains))
         builder.finish()
     return out, builder
+
+
+def _fingerprint(run_dir: str, records: list) -> tuple[dict | None, str | None]:
+    """(the run's fingerprint.json, why the run is stale); (None, None) for a run dir without one
+    (DomainBed's): nothing to check it against."""
+    path = os.path.join(run_dir, runfiles.FINGERPRINT)
+    if not os.path.exists(path):
+        return None, None
+    fingerprint = runfiles.read_json(Path(path))
+    if not isinstance(fingerprint, dict):
+        return None, f"{runfiles.FINGERPRINT} is unreadable, so its configuration is unknown"
+    checked: list = []
+    for record in records:  # every distinct args of the run (one, unless the file was edited)
+        args = record.get("args")
+        if any(args == seen for seen in checked):
+            continue
+        checked.append(args)
+        reason = stale_reason(fingerprint, args, record.get("hparams"))
+        if reason is not None:
+            return fingerprint, reason
+    return fingerprint, None
 
 
 def _workers(n_runs: int, workers: int | None) -> int:
@@ -176,6 +210,9 @@ def load_records(root: str | Path, include_incomplete: bool = False, warn: bool 
         name = read.name
         if not read.done and not include_incomplete:
             coll.incomplete_runs.append(name)
+            continue
+        if read.stale is not None:
+            coll.stale_runs[name] = read.stale
             continue
         if read.error is not None:
             coll.skipped_by_file[name] = coll.skipped_by_file.get(name, 0) + 1
@@ -227,6 +264,12 @@ def _warn(coll: Collection) -> None:
     if coll.incomplete_runs and not coll.runs:
         warnings.warn(f"{len(coll.incomplete_runs)} run(s) found under {coll.root}, none done: "
                       "use --include-incomplete to collect them anyway", CollectWarning, stacklevel=3)
+    if coll.stale_runs:
+        where = "; ".join(f"{run}: {why}" for run, why in sorted(coll.stale_runs.items())[:5])
+        more = f"; and {len(coll.stale_runs) - 5} more" if len(coll.stale_runs) > 5 else ""
+        warnings.warn(f"left out {len(coll.stale_runs)} stale run(s), done under another configuration than "
+                      f"their arguments resolve to now (rerun them with `dfbench sweep launch`, or delete them): "
+                      f"{where}{more}", CollectWarning, stacklevel=3)
     if coll.duplicate_runs:
         warnings.warn(f"{coll.duplicate_runs} run dir(s) repeat the dataset/algorithm/test_envs/hparams_seed/"
                       "trial_seed of another run dir; their records are pooled (as DomainBed does)",

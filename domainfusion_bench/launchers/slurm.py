@@ -3,18 +3,35 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from domainfusion_bench import runfiles
 from domainfusion_bench.launchers.base import (
     LAUNCHERS, Launcher, LaunchResult, Outcome, positive_option, progress_bar, report_outcome,
 )
 from domainfusion_bench.launchers.child import LAUNCH_LOG, release
+from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.sweep import Job, failure_reason
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # newline, CR, tab, NUL, ESC, DEL, C1 controls
+_SBATCH_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def check_sbatch_value(where: str, value: Any) -> None:
+    """A value that becomes part of an ``#SBATCH`` line: one line of plain text, never a second line of the
+    job script (which is a shell script: a newline in it would be a command)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DfbenchError(f"{where} must be a string or a number, got {value!r}")
+    bad = _CONTROL.search(str(value))
+    if bad:
+        raise DfbenchError(f"{where} holds a control character ({bad.group()!r}) in {value!r}: it would end the "
+                           "#SBATCH line and run the rest as a shell command. Newlines, carriage returns, NUL and "
+                           "other control characters are refused; write the value on one line.")
 
 
 class SubmititRun:
@@ -83,8 +100,27 @@ class SlurmLauncher(Launcher):
         "additional": None,  # extra sbatch parameters, e.g. {"constraint": "a100", "account": "lab"}
     }
 
+    def check(self) -> None:
+        o = self.options
+        check_sbatch_value("the sweep name (the Slurm job name)", self.spec_name)
+        if o["partition"] is not None:
+            check_sbatch_value("launcher_options.slurm.partition", o["partition"])
+        additional = o["additional"]
+        if additional is None:
+            return
+        if not isinstance(additional, Mapping):
+            raise DfbenchError(f"launcher_options.slurm.additional must be a mapping of sbatch option: value, "
+                               f"e.g. {{constraint: a100}}; got {additional!r}")
+        for key, value in additional.items():
+            if not isinstance(key, str) or not _SBATCH_NAME.fullmatch(key):
+                raise DfbenchError(f"launcher_options.slurm.additional: {key!r} is not an sbatch option name "
+                                   "(letters, digits, - and _, such as constraint or account)")
+            check_sbatch_value(f"launcher_options.slurm.additional.{key}", value)
+
     def launch(self, jobs: Sequence[Job]) -> LaunchResult:
         import submitit
+
+        self.check()
 
         result = LaunchResult()
         if not jobs:

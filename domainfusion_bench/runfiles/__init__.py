@@ -14,14 +14,16 @@ the lock, its claim and heartbeat; ``fingerprint``; ``submission`` submitted.jso
 from domainfusion_bench.runfiles.files import atomic_write_text, read_json
 from domainfusion_bench.runfiles.fingerprint import check_fingerprint, write_fingerprint
 from domainfusion_bench.runfiles.locks import (
-    CLAIM_ENV, CLAIM_MUTEX_STALE_S, HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, Heartbeat, claim, heartbeat,
-    holds_lock, lock_holder, pid_alive, release_lock, write_lock,
+    CLAIM_ENV, CLAIM_MUTEX_STALE_S, HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, Heartbeat, LostClaim, check_claim,
+    claim, claim_lost, claimed, heartbeat, holds_lock, lock_holder, pid_alive, release_lock, write_lock,
 )
 from domainfusion_bench.runfiles.names import (
     CLAIM_MUTEX, DONE, FAILED, FINGERPRINT, LOCK, MODEL, PREVIEWS, RESULTS, RESUME, SHARED_SPLITS, SPLITS, SUBMITTED,
 )
 from domainfusion_bench.runfiles.previews import PreviewStrip, read_previews, write_previews
-from domainfusion_bench.runfiles.records import append_record, iter_run_dirs, keep_records_through, loads, read_records
+from domainfusion_bench.runfiles.records import (
+    append_record, iter_run_dirs, keep_records_through, loads, read_records, write_done,
+)
 from domainfusion_bench.runfiles.resume import load_resume, save_resume
 from domainfusion_bench.runfiles.splits import read_splits, write_splits
 from domainfusion_bench.runfiles.submission import SUBMITTED_TIMEOUT_S, pending_submission, record_submission
@@ -29,9 +31,9 @@ from domainfusion_bench.runfiles.submission import SUBMITTED_TIMEOUT_S, pending_
 __all__ = [
     "CLAIM_ENV", "CLAIM_MUTEX", "CLAIM_MUTEX_STALE_S", "DONE", "FAILED", "FINGERPRINT", "HEARTBEAT_INTERVAL_S",
     "HEARTBEAT_TIMEOUT_S", "LOCK", "MODEL", "PREVIEWS", "RESULTS", "RESUME", "SHARED_SPLITS", "SPLITS", "SUBMITTED",
-    "SUBMITTED_TIMEOUT_S", "Heartbeat", "PreviewStrip", "read_previews", "write_previews",
-    "append_record", "atomic_write_text", "check_fingerprint", "claim",
+    "SUBMITTED_TIMEOUT_S", "Heartbeat", "LostClaim", "PreviewStrip", "read_previews", "write_previews",
+    "append_record", "atomic_write_text", "check_claim", "check_fingerprint", "claim", "claim_lost", "claimed",
     "heartbeat", "holds_lock", "iter_run_dirs", "keep_records_through", "load_resume", "loads", "lock_holder",
     "pending_submission", "pid_alive", "read_json", "read_records", "read_splits", "record_submission",
-    "release_lock", "save_resume", "write_fingerprint", "write_lock", "write_splits",
+    "release_lock", "save_resume", "write_done", "write_fingerprint", "write_lock", "write_splits",
 ]

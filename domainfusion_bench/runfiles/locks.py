@@ -1,5 +1,6 @@
 """``lock``: which process runs a run dir, claimed exclusively (also across hosts on NFS), kept alive
-by a heartbeat, and judged alive or dead by others."""
+by a heartbeat, and judged alive or dead by others; a trainer's writes go through ``claimed``, so one that
+lost its claim (another process took the run over) writes nothing more."""
 
 from __future__ import annotations
 
@@ -23,6 +24,16 @@ HEARTBEAT_TIMEOUT_S = 15 * 60
 HEARTBEAT_INTERVAL_S = 60.0
 CLAIM_MUTEX_STALE_S = 30.0
 CLAIM_ENV = "DFBENCH_CLAIM"  # token of the launcher's claim, handed to the trainer it starts
+_CLAIMS: dict[str, str] = {}  # run dir -> id of the claim this process trains it under
+_LOST: set[str] = set()  # run dirs whose claim this process lost
+
+
+class LostClaim(DfbenchError):
+    """Another process took over a run this process was training: this one must write nothing more."""
+
+
+def _key(run_dir: Path) -> str:
+    return os.path.abspath(run_dir)
 
 
 def write_lock(run_dir: Path, **extra: Any) -> None:
@@ -79,13 +90,18 @@ def claim(run_dir: Path, launcher: bool = False, token: str | None = None, force
             if not (info.get("launcher") and token and info.get("token") == token):
                 return False, info
         extra: dict[str, Any] = {"launcher": True, "token": uuid.uuid4().hex} if launcher else {}
-        write_lock(run_dir, **extra)
+        claim_id = uuid.uuid4().hex  # tells this claim from a later one of the same pid (a requeue, pid reuse)
+        write_lock(run_dir, claim_id=claim_id, **extra)
+        if not launcher:
+            _CLAIMS[_key(run_dir)] = claim_id
+            _LOST.discard(_key(run_dir))
         return True, info
 
 
 def holds_lock(run_dir: Path) -> bool:
     """Whether this process holds the run's lock (and may write ``failed`` or remove the lock)."""
-    return _mine(read_json(Path(run_dir) / LOCK))
+    info, ours = read_json(Path(run_dir) / LOCK), _CLAIMS.get(_key(run_dir))
+    return _mine(info) and (ours is None or info.get("claim_id") == ours)
 
 
 def release_lock(run_dir: Path) -> None:
@@ -93,6 +109,40 @@ def release_lock(run_dir: Path) -> None:
     with _claim_mutex(run_dir):
         if holds_lock(run_dir):
             (Path(run_dir) / LOCK).unlink(missing_ok=True)
+    _CLAIMS.pop(_key(run_dir), None)
+
+
+def claim_lost(run_dir: Path) -> bool:
+    """Whether this process found that it lost its claim on the run (cheap: no file is read)."""
+    return _key(run_dir) in _LOST
+
+
+def check_claim(run_dir: Path) -> None:
+    """Raise ``LostClaim`` when this process claimed the run to train it and the lock now is another's.
+    A run dir this process never claimed (a tool, a test writing files) is not checked."""
+    key = _key(run_dir)
+    ours = _CLAIMS.get(key)
+    if ours is None:
+        return
+    info = read_json(Path(run_dir) / LOCK)
+    if key in _LOST or not info or info.get("claim_id") != ours:
+        _LOST.add(key)
+        who = f"process {info.get('pid', '?')} on {info.get('host', '?')}" if info else "nobody (it was removed)"
+        raise LostClaim(f"{run_dir} was taken over while this process trained it (its lock now names {who}: our "
+                        "heartbeat looked stale to it, or the run was requeued); this process stops and writes "
+                        "nothing more into the run, which the other one carries on")
+
+
+@contextlib.contextmanager
+def claimed(run_dir: Path) -> Iterator[None]:
+    """Around a write into a run: the claim is checked inside the claim mutex, so no other process can
+    take the run over between the check and the write."""
+    if _key(run_dir) not in _CLAIMS:
+        yield
+        return
+    with _claim_mutex(run_dir):
+        check_claim(run_dir)
+        yield
 
 
 class Heartbeat:
@@ -109,6 +159,9 @@ class Heartbeat:
             try:
                 if holds_lock(self.run_dir):
                     os.utime(self.run_dir / LOCK)
+                elif _key(self.run_dir) in _CLAIMS:  # taken over: the next write ends the run
+                    _LOST.add(_key(self.run_dir))
+                    return
             except OSError:
                 pass
 
@@ -165,6 +218,8 @@ def lock_holder(run_dir: Path) -> tuple[dict[str, Any] | None, bool]:
 
 
 def heartbeat(run_dir: Path) -> None:
-    lock = run_dir / LOCK
+    """Refresh the lock's mtime (the run is alive); a trainer that lost its claim stops here."""
+    check_claim(run_dir)
+    lock = Path(run_dir) / LOCK
     if lock.exists():
         os.utime(lock)

@@ -8,15 +8,23 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from domainfusion_bench.runfiles.files import atomic_write_text
-from domainfusion_bench.runfiles.names import RESULTS
+from domainfusion_bench.runfiles.locks import claimed
+from domainfusion_bench.runfiles.names import DONE, RESULTS
 
 
 def append_record(run_dir: Path, record: dict[str, Any]) -> None:
-    """One JSON line, keys sorted, flushed to disk before the run goes on."""
-    with open(run_dir / RESULTS, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+    """One JSON line, keys sorted, flushed to disk before the run goes on (while the claim holds)."""
+    line = json.dumps(record, sort_keys=True) + "\n"
+    with claimed(run_dir), open(Path(run_dir) / RESULTS, "a") as f:
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_done(run_dir: Path) -> None:
+    """The ``done`` file, last, while the claim holds."""
+    with claimed(run_dir):
+        atomic_write_text(Path(run_dir) / DONE, "done\n")
 
 
 try:  # ~5x faster parsing when installed; records with NaN (a diverged loss) fall back to json
@@ -78,7 +86,8 @@ def keep_records_through(run_dir: Path, last_step: int) -> None:
         return
     records, _ = read_records(path)
     kept = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= last_step]
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    with claimed(run_dir):
+        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 
 def iter_run_dirs(root: Path) -> Iterator[Path]:

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+from domainfusion_bench.runfiles.locks import claimed
+
 
 def save_resume(path: Path, state: Mapping[str, Any]) -> None:
     """Write a resume point atomically and durably: temp file, fsync, rename, fsync of the directory.
@@ -25,7 +27,11 @@ def save_resume(path: Path, state: Mapping[str, Any]) -> None:
         torch.save(dict(state), f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with claimed(path.parent):
+            os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # left only when the claim was lost
     _fsync_dir(path.parent)
 
 

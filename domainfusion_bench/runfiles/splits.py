@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.runfiles.files import atomic_write_text, read_json
+from domainfusion_bench.runfiles.locks import check_claim, claimed
 from domainfusion_bench.runfiles.names import SHARED_SPLITS, SPLITS
 
 
@@ -18,6 +19,7 @@ def write_splits(run_dir: Path, index_record: Mapping[str, Any], key: str) -> Pa
     (``<parent>/.splits/<key>-<sha>.json``, content-addressed: 4.7 MB per DomainNet run otherwise); the
     run's ``splits.json`` keeps the domain names and sizes, the shared file's path and its sha256."""
     run_dir = Path(run_dir)
+    check_claim(run_dir)
     text = json.dumps(index_record, sort_keys=True)
     digest = hashlib.sha256(text.encode()).hexdigest()
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)[:100]
@@ -30,7 +32,8 @@ def write_splits(run_dir: Path, index_record: Mapping[str, Any], key: str) -> Pa
         for name, env in index_record.items()
     }
     summary.update(indices=os.path.relpath(shared, run_dir), sha256=digest)
-    atomic_write_text(run_dir / SPLITS, json.dumps(summary, sort_keys=True))
+    with claimed(run_dir):
+        atomic_write_text(run_dir / SPLITS, json.dumps(summary, sort_keys=True))
     return shared
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.protocol import run_hash, seed_hash
-from domainfusion_bench.sweep.spec import SweepSpec, hparam_names, n_domains, train_arg_names
+from domainfusion_bench.sweep.spec import SweepSpec, check_registered, hparam_names, n_domains, train_arg_names
 
 if TYPE_CHECKING:
     from domainfusion_bench.training import TrainArgs
@@ -71,6 +71,7 @@ def make_jobs(spec: SweepSpec) -> list[Job]:
     from domainfusion_bench.data import run_identity
     from domainfusion_bench.training import TrainArgs
 
+    check_registered(spec)
     spaces = hparam_names(spec)
     data_dir = str(Path(spec.data_dir).resolve())
     output_dir = Path(spec.output_dir).resolve()

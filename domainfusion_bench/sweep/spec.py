@@ -2,6 +2,8 @@
 
 Every problem is a ``DfbenchError`` that names the spec and the key. Algorithms, datasets and the trainer
 import torch, so they are imported inside the functions that consult them: importing a spec costs no torch.
+A spec's ``plugins`` are code: parsing never runs them (``sweep status``, ``dry_run``); ``with_plugins`` does,
+when the sweep is launched or the user says ``--trust-plugins``, and then checks what they register.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class SweepSpec:
     launcher: str = "local"
     launcher_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # {launcher: {option: value}}
     source: str = field(default="<spec>", compare=False)  # where the spec came from, for messages
+    every_algorithm: bool = field(default=False, compare=False)  # ``all``: plugins' algorithms too, once loaded
 
     def test_env_sets(self, dataset: str) -> list[list[int]]:
         """DomainBed's order: [0], [0, 1], [0, 2], ..., [1], [1, 2], ... in pairs mode."""
@@ -67,7 +70,7 @@ class SweepSpec:
         return [t for i in range(n) for t in ([i], *([i, j] for j in range(i + 1, n)))]
 
 
-SPEC_KEYS = [f.name for f in dataclasses.fields(SweepSpec) if f.name != "source"]
+SPEC_KEYS = [f.name for f in dataclasses.fields(SweepSpec) if f.name not in ("source", "every_algorithm")]
 
 
 def load_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SweepSpec:
@@ -86,7 +89,7 @@ def load_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> S
 
 def parse_spec(raw: Mapping[str, Any], source: str = "<spec>") -> SweepSpec:
     """Validate a spec given as a mapping; every problem is a DfbenchError that names the key."""
-    from domainfusion_bench.algorithms import ALGORITHMS, load_plugins
+    from domainfusion_bench.algorithms import ALGORITHMS
     from domainfusion_bench.data import dataset_class
 
     def fail(message: str) -> DfbenchError:
@@ -131,11 +134,7 @@ def parse_spec(raw: Mapping[str, Any], source: str = "<spec>") -> SweepSpec:
     if not isinstance(output_dir, str) or not isinstance(data_dir, str):
         raise fail("output_dir and data_dir must be paths (strings)")
 
-    plugins = [str(Path(p).resolve()) for p in str_list("plugins", [])]
-    try:
-        load_plugins(plugins)  # before algorithm names are checked: plugins register algorithms
-    except DfbenchError as err:
-        raise fail(str(err)) from None
+    plugins = [str(Path(p).resolve()) for p in str_list("plugins", [])]  # not run here: see with_plugins
 
     datasets = str_list("datasets", None)
     if not datasets:
@@ -147,7 +146,8 @@ def parse_spec(raw: Mapping[str, Any], source: str = "<spec>") -> SweepSpec:
             raise fail(f"datasets: {err}") from None
 
     algorithms = raw["algorithms"]
-    if algorithms == "all":
+    every = algorithms == "all"
+    if every:
         algorithms = ALGORITHMS.names()
     else:
         algorithms = str_list("algorithms", None)
@@ -157,7 +157,8 @@ def parse_spec(raw: Mapping[str, Any], source: str = "<spec>") -> SweepSpec:
             try:
                 ALGORITHMS.get(algorithm)
             except DfbenchError as err:
-                raise fail(f"algorithms: {err}") from None
+                if not plugins:  # else a plugin may register it: checked when the plugins run
+                    raise fail(f"algorithms: {err}") from None
 
     n_hparams_from = integer("n_hparams_from", 0, 0)
     n_hparams = integer("n_hparams", 1, 20)
@@ -191,6 +192,7 @@ def parse_spec(raw: Mapping[str, Any], source: str = "<spec>") -> SweepSpec:
         launcher=raw.get("launcher") or "local",
         launcher_options=mapping("launcher_options"),
         source=source,
+        every_algorithm=every,
     )
     _check_hparams(spec, fail)
     _check_train_args(spec.train_args, fail)
@@ -198,6 +200,42 @@ def parse_spec(raw: Mapping[str, Any], source: str = "<spec>") -> SweepSpec:
         if not isinstance(options, dict):
             raise fail(f"launcher_options.{launcher} must be a mapping of option: value, got {options!r}")
     return spec
+
+
+def with_plugins(spec: SweepSpec) -> SweepSpec:
+    """Run the spec's plugins (only to launch the sweep, or when the user trusts them) and check the
+    algorithm names and hyperparameters against what they registered."""
+    from domainfusion_bench.algorithms import ALGORITHMS, load_plugins
+
+    def fail(message: str) -> DfbenchError:
+        return DfbenchError(f"{spec.source}: {message}")
+
+    if not spec.plugins:
+        return spec
+    try:
+        load_plugins(spec.plugins)
+    except DfbenchError as err:
+        raise fail(str(err)) from None
+    for algorithm in spec.algorithms:
+        try:
+            ALGORITHMS.get(algorithm)
+        except DfbenchError as err:
+            raise fail(f"algorithms: {err} (after loading the plugins {', '.join(spec.plugins)})") from None
+    spec = dataclasses.replace(spec, algorithms=ALGORITHMS.names() if spec.every_algorithm else spec.algorithms)
+    _check_hparams(spec, fail)
+    return spec
+
+
+def check_registered(spec: SweepSpec) -> None:
+    """Jobs need every algorithm's hyperparameter space: fail clearly when a plugin's is not loaded."""
+    from domainfusion_bench.algorithms import ALGORITHMS
+
+    missing = [a for a in spec.algorithms if a not in ALGORITHMS.names()]
+    if missing:
+        raise DfbenchError(
+            f"{spec.source}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not built in but would come "
+            f"from the spec's plugins ({', '.join(spec.plugins)}), which are code: dfbench runs them only to launch "
+            "the sweep. To list its jobs or show its status anyway, pass --trust-plugins.")
 
 
 def n_domains(dataset: str, data_dir: str) -> int:
@@ -275,9 +313,10 @@ def _check_hparams(spec: SweepSpec, fail) -> None:
     # a name no algorithm has is a typo
     known = sorted({name for d in spec.datasets for a in ALGORITHMS.names()
                     for name in algorithm_space(a, dataset_class(d)).names()})
+    registered = [a for a in spec.algorithms if a in ALGORITHMS.names()]  # the others: plugins not loaded yet
     for key, values in (("hparams", spec.hparams), ("grid", spec.grid)):
         for name in values:
-            if name not in known:
+            if name not in known and len(registered) == len(spec.algorithms):
                 close = difflib.get_close_matches(name, known, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise fail(
@@ -289,7 +328,8 @@ def _check_hparams(spec: SweepSpec, fail) -> None:
             raise fail(f"grid.{name} must be a non-empty list of values, got {values!r}")
         if name in spec.hparams:
             raise fail(f"{name} is both a fixed hparam and a grid axis; keep one")
-    for (dataset, algorithm), names in hparam_names(spec).items():  # types and ranges, as train checks them
+    for (dataset, algorithm), names in hparam_names(dataclasses.replace(spec, algorithms=registered)).items():
+        # types and ranges, as train checks them
         defaults = algorithm_space(algorithm, dataset_class(dataset)).defaults()
         where = f"{algorithm} on {dataset}"
         try:

@@ -29,6 +29,7 @@ class State(str, Enum):
 class RunState:
     state: State
     reason: str = ""  # failed: the last error line; running: who holds the lock
+    stale: bool = False  # done under another configuration: counted failed, rerun by launch
 
 
 def last_line(path: Path) -> str:
@@ -83,8 +84,9 @@ def _same_configuration(job: Job, state: RunState) -> RunState:
     try:
         runfiles.check_fingerprint(job.run_dir, run_fingerprint(job.args, resolve_hparams(job.args)))
     except DfbenchError as err:
-        return RunState(State.FAILED, f"done under another configuration, so not counted for this sweep: {err} "
-                                      f"Delete {job.run_dir} to run it again.")
+        return RunState(State.FAILED, f"stale: done under another configuration, so not counted for this sweep "
+                                      f"nor collected: {err} `sweep launch` reruns it (replacing it); "
+                                      "`sweep delete-incomplete` removes it.", stale=True)
     return state
 
 
@@ -121,24 +123,36 @@ def print_status(spec: SweepSpec, jobs: Sequence[Job], states: Sequence[RunState
 
 
 def delete_incomplete(jobs: Sequence[Job], yes: bool = False, file=None) -> list[Path]:
-    """Remove the run dirs of failed/crashed runs; never a running or a done one."""
+    """Remove the run dirs of failed/crashed runs and of stale ones (done under another configuration);
+    never a running one or one done under this configuration."""
     file = file or sys.stdout
-    doomed = [job for job, s in zip(jobs, job_states(jobs)) if s.state == State.FAILED]
+    states = job_states(jobs)
+    doomed = [job for job, s in zip(jobs, states) if s.state == State.FAILED]
     if not doomed:
-        print("no failed or crashed runs to delete", file=file)
+        print("no failed, crashed or stale runs to delete", file=file)
         return []
+    n_stale = sum(s.stale for s in states)
     for job in doomed:
         print(f"  {job.run_dir}  {job.describe()}", file=file)
+    what = f"{len(doomed)} run dirs" + (f" ({n_stale} of them stale: done under another configuration)"
+                                        if n_stale else "")
     if not yes:
         if not sys.stdin.isatty():
-            raise DfbenchError(f"{len(doomed)} run dirs would be deleted; pass --yes to confirm")
-        if input(f"delete these {len(doomed)} run dirs? [y/N] ").strip().lower() not in ("y", "yes"):
+            raise DfbenchError(f"{what} would be deleted; pass --yes to confirm")
+        if input(f"delete these {what}? [y/N] ").strip().lower() not in ("y", "yes"):
             print("nothing deleted", file=file)
             return []
+    removed = remove_if_failed(doomed)
+    print(f"deleted {len(removed)} run dirs", file=file)
+    return removed
+
+
+def remove_if_failed(jobs: Sequence[Job]) -> list[Path]:
+    """Remove the run dirs of these jobs that still are failed or stale: one may have been relaunched (or
+    finished) since its state was read."""
     removed = []
-    for job in doomed:
-        if run_state(job.run_dir).state == State.FAILED:  # it may have been relaunched meanwhile
+    for job in jobs:
+        if _same_configuration(job, run_state(job.run_dir)).state == State.FAILED:
             shutil.rmtree(job.run_dir, ignore_errors=True)
             removed.append(job.run_dir)
-    print(f"deleted {len(removed)} run dirs", file=file)
     return removed

@@ -13,16 +13,19 @@ from typing import Any
 
 from domainfusion_bench.errors import DfbenchError
 
+from domainfusion_bench import runfiles
+
 
 class _Tee:
     """Copies a stream to a log file in the run directory (DomainBed's out.txt / err.txt)."""
 
     def __init__(self, stream, path: Path):
-        self.stream, self.file = stream, open(path, "a")
+        self.stream, self.file, self.run_dir = stream, open(path, "a"), path.parent
 
     def write(self, text: str) -> int:
-        self.file.write(text)
-        self.file.flush()
+        if not runfiles.claim_lost(self.run_dir):  # the run's new owner logs there now
+            self.file.write(text)
+            self.file.flush()
         return self.stream.write(text)
 
     def flush(self) -> None:

@@ -131,8 +131,9 @@ def _finish(run: Run) -> None:
     runtime, run_dir = run.runtime, run.run_dir
     runtime.accelerator.wait_for_everyone()
     if runtime.is_main:
+        runfiles.check_claim(run_dir)
         if not run.args.skip_model_save:
             save_model(run, run_dir / runfiles.MODEL)
         run.trackers.end()
-        runfiles.atomic_write_text(run_dir / runfiles.DONE, "done\n")
+        runfiles.write_done(run_dir)
         (run_dir / runfiles.RESUME).unlink(missing_ok=True)

@@ -151,4 +151,5 @@ def set_up(algorithm: Algorithm, context: TrainingContext, eval_splits: Sequence
 
 def write_previews(run_dir: Path, previews: list[runfiles.PreviewStrip]) -> None:
     """``previews/``: the strips of generated images and their ``index.json`` (the HTML leaderboard shows them)."""
-    runfiles.write_previews(run_dir, previews)
+    with runfiles.claimed(run_dir):
+        runfiles.write_previews(run_dir, previews)

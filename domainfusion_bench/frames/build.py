@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from domainfusion_bench.collect.values import (
+from domainfusion_bench.frames.values import (
     ACC_KEY, KEY_COLUMNS, OVERRIDES, _args_row, _as_int, _is_number, _keep, _numbers,
 )
 

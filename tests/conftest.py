@@ -21,3 +21,12 @@ def tiny_train_args(tmp_path):
         return TrainArgs(**base)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one torch thread is fastest, and immune to a busy machine's thread contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

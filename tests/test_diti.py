@@ -19,13 +19,7 @@ from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.training import TrainArgs, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is fastest, and immune to a busy machine's thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def test_block_index_and_stage_end_dims():

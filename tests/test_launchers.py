@@ -16,7 +16,7 @@ from domainfusion_bench import launchers, runfiles, sweep
 from domainfusion_bench.cli import main
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.launchers import LAUNCHERS, Outcome, SubmititRun, launch_sweep, make_launcher
-from domainfusion_bench.sweep import State, job_states, load_spec, make_jobs, parse_spec
+from domainfusion_bench.sweep import State, job_states, load_spec, make_jobs, parse_spec, with_plugins
 
 # A stand-in for `python -m domainfusion_bench train`: no torch, so a launcher test costs milliseconds.
 # test env 0 and 3: a run that succeeds (and notes its environment); 1: exits with an error; 2: killed.
@@ -279,7 +279,7 @@ def test_sweep_killed_mid_run_resumes_without_loss_or_duplicates(tmp_path):
         train_args: {{num_workers: 0, skip_model_save: true, device: cpu}}
         launcher_options: {{local: {{parallel: 2, threads: 1}}}}
     """))
-    spec = load_spec(spec_path)
+    spec = with_plugins(load_spec(spec_path))  # the test trusts its own plugin (a launch would run it)
     jobs = make_jobs(spec)
     assert len(jobs) == 8
 

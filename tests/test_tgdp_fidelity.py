@@ -26,13 +26,7 @@ ABAR = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod.float()
 SEED = 0  # the nets' initialisation (the figures below hold for seeds 0-4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny nets: one thread is fastest, and immune to a busy machine's thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def test_classifier_ratio_is_target_over_source_on_a_known_pair():

@@ -328,10 +328,27 @@ class TGDPOG(OracleGuided, TGDP):
     OG_GENERATION_PREFIXES = OracleGuided.OG_GENERATION_PREFIXES + ("tgdp_",)
 
     def og_draw(self, context, backbone, terms, round_name, n):
-        """Full trajectories as TGDP draws them: class-conditional, no domain condition (the pooled model).
-        The rounds learn the failures of the pooled model's samples; the density-ratio term is added on top
-        at generation time."""
+        """Full trajectories as TGDP draws them: class-conditional samples of the pooled model guided by
+        grad log h toward each entry of TGDP's sampling plan in turn (targets, then mixes), plus ``terms``:
+        the rounds learn the failures of the very sampler they will guide."""
+        from domainfusion_bench.diffusion.samplers import SampleOutput
+
+        h, plan = self._density_guide
         g = torch.Generator().manual_seed(seed_hash("og-draw", context.args.trial_seed, round_name))
         labels = torch.randint(context.dataset.num_classes, (n,), generator=g)
         seeds = [seed_hash("og", context.args.trial_seed, round_name, i) for i in range(n)]
-        return self.sampler(backbone, terms).sample(backbone.condition(labels, [{}] * n), seeds), labels
+        entry = torch.arange(n) % len(plan)
+        images, nfe, seconds = None, [0] * n, 0.0
+        for k, (_, head, mix, _) in enumerate(plan):
+            idx = (entry == k).nonzero().flatten().tolist()
+            if not idx:
+                continue
+            sampler = self.sampler(backbone, [self.density_term(h, head, mix), *terms])
+            out = sampler.sample(backbone.condition(labels[idx], [{}] * len(idx)), [seeds[i] for i in idx])
+            if images is None:
+                images = torch.zeros(n, *out.images.shape[1:], dtype=out.images.dtype)
+            images[idx] = out.images.cpu()
+            for j, i in enumerate(idx):
+                nfe[i] = out.nfe[j]
+            seconds += out.seconds
+        return SampleOutput(images=images, nfe=nfe, seconds=seconds), labels

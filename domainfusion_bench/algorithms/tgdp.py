@@ -241,12 +241,16 @@ class TGDP(GenerativeAlgorithm):
                 plan.append((f"mix {m}", None, [round(float(v), 6) for v in a], targets[int(a.argmax())][3]))
         return plan
 
+    def density_term(self, h: GuidanceNet, head: int | None, mix) -> DensityRatioGuidance:
+        """grad log h toward target ``head`` (or the ``mix`` of the targets), at the run's ``tgdp_weight``."""
+        return DensityRatioGuidance(h, self.hparams["tgdp_weight"], head=head or 0, mix=mix, use_class=True,
+                                    cache_key=f"tgdp-h:{parameters_digest(h)[:24]}:head={head}:mix={mix}")
+
     def draw_guided(self, context, backbone, h: GuidanceNet, label: str, head: int | None, mix, per_class: int,
                     extra_terms=()):
         """TGDP's guided sampler: ``per_class`` images per class from the pooled model, guided by grad log h
         toward ``head`` (or the mix), plus ``extra_terms``; cached and charged. Returns (images, requests, sampler)."""
-        term = DensityRatioGuidance(h, self.hparams["tgdp_weight"], head=head or 0, mix=mix, use_class=True,
-                                    cache_key=f"tgdp-h:{parameters_digest(h)[:24]}:head={head}:mix={mix}")
+        term = self.density_term(h, head, mix)
         requests = [Request(class_id=c, domains={}, seed=seed_hash("TGDP", context.args.trial_seed, label, c, i))
                     for c in range(len(context.dataset.classes)) for i in range(per_class)]
         sampler = self.sampler(backbone, [term, *extra_terms])
@@ -260,9 +264,11 @@ class TGDP(GenerativeAlgorithm):
         hp = self.hparams
         n_classes, per_class = len(context.dataset.classes), hp["tgdp_per_class"]
         generated: dict[int | None, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        plan = self.sampling_plan(context, targets)
+        self._density_guide = (h, plan)  # what oracle-guidance rounds draw with (TGDP+OG)
         extra_terms = self.guidance_terms(context, backbone)  # oracle guidance (TGDP+OG); none for TGDP
         before_p, after_p = [], []
-        for label, head, mix, augments in self.sampling_plan(context, targets):
+        for label, head, mix, augments in plan:
             images, requests, sampler = self.draw_guided(context, backbone, h, label, head, mix, per_class, extra_terms)
             labels = torch.tensor([r.class_id for r in requests], dtype=torch.long)
             generated.setdefault(augments, []).append((images, labels))

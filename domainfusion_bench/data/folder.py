@@ -42,6 +42,15 @@ class _DecodeResized(Dataset):
         return T.functional.pil_to_tensor(self.resize(self.loader(self.paths[k])))
 
 
+
+def _save_npy(path: Path, tensor: torch.Tensor) -> None:
+    """A cache file, written whole or not at all (parallel runs may build the same one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, tensor.numpy())
+    os.replace(tmp, path)
+
 class ImageFolderDataset(MultiDomainDataset):
     """Domains are the sorted subfolders of ``root`` (as DomainBed); classes must match across domains."""
 
@@ -133,11 +142,7 @@ class ImageFolderDataset(MultiDomainDataset):
             return torch.from_numpy(np.load(path))
         decode = _DecodeResized(paths, self.envs[0].loader, size)
         images = torch.cat(list(DataLoader(decode, batch_size=64, num_workers=num_workers)))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.save(f, images.numpy())
-        os.replace(tmp, path)
+        _save_npy(path, images)
         return images
 
     @staticmethod
@@ -154,11 +159,7 @@ class ImageFolderDataset(MultiDomainDataset):
             with Image.open(p) as im:
                 hw.append((im.height, im.width))
         sizes = torch.tensor(hw, dtype=torch.int64).reshape(-1, 2)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.save(f, sizes.numpy())
-        os.replace(tmp, cache)
+        _save_npy(cache, sizes)
         return sizes
 
     def batch_transform(self, augment: bool):

@@ -335,3 +335,22 @@ def test_a_warm_started_classifier_is_the_oracle_at_every_t_before_training():
         got = torch.stack([c(x * 2 - 1, torch.full((5,), t), torch.full((5,), k)) for k in range(4)], 1)
         assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(c(x * 2 - 1, 0, None), torch.zeros(5))
+
+
+def test_guidance_is_zero_above_the_classifiers_max_t():
+    """``og_max_t``: grad log C is used at t <= max_t only (and the term's cache key says so)."""
+    from domainfusion_bench.diffusion.conditions import Condition
+    from domainfusion_bench.diffusion.oracle_guidance import ValidityGuidance
+
+    torch.manual_seed(0)
+    c = PointValidityClassifier(num_classes=2)
+    z = torch.randn(4, 2)
+    cond = Condition(torch.tensor([0, 1, 0, 1]), torch.zeros(4, 1))
+    free = ValidityGuidance(c, 1.0).grad_log(z, torch.full((4,), 800), cond)
+    c.guide_max_t = 600
+    term = ValidityGuidance(c, 1.0)
+    assert free.abs().max() > 0 and term.grad_log(z, torch.full((4,), 800), cond).abs().max() == 0
+    below = ValidityGuidance(c, 1.0).grad_log(z, torch.full((4,), 500), cond)
+    c.guide_max_t = None
+    assert torch.allclose(below, ValidityGuidance(c, 1.0).grad_log(z, torch.full((4,), 500), cond))
+    assert term.cache_key.endswith(":tmax=600")

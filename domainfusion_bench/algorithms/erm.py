@@ -24,6 +24,8 @@ class ERMDiTiEncoder(ERM):
     table shows how much of DiTi's lead is its encoder. Width and z size are DiTi's hyperparameters, so a
     sweep that sets them for DiTi sets them here too."""
 
+    FAMILY = "ERM"  # a variant of ERM on the page (same hue, its own marker)
+
     @classmethod
     def hparam_space(cls, space, dataset):
         super().hparam_space(space, dataset)

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, num_train_timesteps: int) -> torch.Tensor:
-    """Sinusoidal features of t / T (T = the schedule's length): [B, dim]."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half - 1, 1))
-    angle = (t.float().view(-1, 1) / num_train_timesteps) * 1000.0 * freqs.view(1, -1)
-    return torch.cat([angle.sin(), angle.cos()], dim=1)
+    """Sinusoidal features of t / T (T = the schedule's length), sin first: [B, dim] (diffusers' embedding,
+    on t rescaled to 1000 steps so that any schedule's length gives the same features)."""
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    t = t.float().view(-1) / num_train_timesteps * 1000.0
+    return get_timestep_embedding(t, dim, flip_sin_to_cos=False, downscale_freq_shift=1, max_period=1000)
 
 
 class ValidityClassifier(nn.Module):

@@ -54,7 +54,8 @@ class GenerativeAlgorithm(ERM):
                 test_envs=context.test_envs, store=context.models, device=context.device,
                 trial_seed=args.trial_seed, holdout_fraction=args.holdout_fraction, costs=context.costs,
                 ddpm_steps=hp["ddpm_steps"], oracle=oracle, made_by=context.made_by,
-                few_shot_target=self.few_shot_target())
+                few_shot_target=self.few_shot_target(), **({"oracle_ddpm_steps": hp["oracle_ddpm_steps"]}
+                                                          if "oracle_ddpm_steps" in hp else {}))
             self._backbones = cached
         return cached[oracle]
 

@@ -90,11 +90,16 @@ class LeakageGuard:
     """The held-out domains of one run, and the checks every generative step goes through."""
 
     def __init__(self, dataset: str, domains: Sequence[str], held_out: Iterable[int] = (), allow_condition: bool = False,
-                 few_shot_target: int = 0):
+                 few_shot_target: int = 0, oracle_out_split: bool = False):
         self.dataset = dataset
         self.domains = list(domains)
         self.held_out = frozenset(int(d) for d in held_out)
         self.allow_condition = allow_condition  # oracle variants only (e.g. CDGA*)
+        if oracle_out_split and not allow_condition:
+            raise DfbenchError("leakage guard: only an oracle variant (allow_condition) may use held-out out-splits")
+        # oracle variants only: a model may have seen the held-out domains' out-splits (the images oracle model
+        # selection validates on), never their in-splits (where test accuracy is read); see check_out_split
+        self.oracle_out_split = oracle_out_split
         if int(few_shot_target) < 0:
             raise DfbenchError(f"few_shot_target must be >= 0 (0 = no held-out images at all), got {few_shot_target}")
         self.few_shot_target = int(few_shot_target)  # TGDP's few-shot track: k unlabelled held-out images
@@ -130,7 +135,7 @@ class LeakageGuard:
     def check_seen(self, seen: Iterable[int], what: str) -> None:
         """``what`` (a backbone, a cache entry) was made with data of the domains ``seen``."""
         bad = self.held_out & {int(e) for e in seen}
-        if bad:
+        if bad and not self.oracle_out_split:
             self._fail(f"use {what}, which saw", bad, " It was made with that domain's data; use one made without it.")
 
     def held_out_phrases(self) -> dict[int, list[str]]:
@@ -163,6 +168,16 @@ class LeakageGuard:
                             "(only oracle variants may condition on a held-out domain)."
                         )
 
+    def check_out_split(self, env: int, indices: Iterable[int], out_split: Iterable[int]) -> None:
+        """An oracle model is about to train on ``indices`` of held-out domain ``env``: all must be in its
+        out-split (``out_split``, this trial's), none in the in-split that the run's test accuracy reads."""
+        if not self.oracle_out_split:
+            self._fail("train on images of", [env], " Only oracle variants may see a held-out out-split.")
+        stray = set(int(i) for i in indices) - set(int(i) for i in out_split)
+        if stray:
+            self._fail(f"train an oracle model on {len(stray)} in-split images of", [env],
+                       " An oracle model may see a held-out domain's out-split only.")
+
     def check_target_images(self, n_images: int, labelled: bool) -> None:
         """Allow ``n_images`` more held-out images for the explicit few-shot-target track: unlabelled only,
         at most ``few_shot_target`` in all over this guard's life. Anything else is refused."""
@@ -183,6 +198,8 @@ class LeakageGuard:
 
     def describe(self) -> dict[str, Any]:
         out = {"held_out": sorted(self.held_out), "oracle": self.allow_condition}
+        if self.oracle_out_split:
+            out["oracle_out_split"] = True
         if self.few_shot_target:
             out.update(few_shot_target=self.few_shot_target, target_images_used=self.target_images_used)
         return out

@@ -10,7 +10,10 @@ from typing import Sequence
 import torch
 
 from domainfusion_bench.diffusion.backbones import Backbone, BackboneSpec, StableDiffusionBackbone
+from domainfusion_bench.diffusion.oracle_ddpm import ORACLE_STEPS, train_oracle_ddpm
+from domainfusion_bench.diffusion.store import ModelStore
 from domainfusion_bench.diffusion.trainer import default_config, train_pixel_ddpm
+from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.protocol import HOLDOUT_FRACTION
 
 
@@ -18,8 +21,9 @@ def build_backbone(spec: str, *, dataset, train_envs: Sequence[int], test_envs: 
                    cache_dir: str | Path | None = None, store=None, device: str | torch.device = "cpu", trial_seed: int = 0, holdout_fraction: float = HOLDOUT_FRACTION,
                    costs=None, ddpm_steps: int | None = None, ddpm_overrides: dict | None = None,
                    oracle: bool = False, progress: bool = True, made_by: str | None = None,
-                   few_shot_target: int = 0) -> Backbone:
-    """A backbone with the run's leakage guard installed (``oracle``: may condition on held-out domains;
+                   few_shot_target: int = 0, oracle_ddpm_steps: int = ORACLE_STEPS) -> Backbone:
+    """A backbone with the run's leakage guard installed (``oracle``: may condition on held-out domains, and
+    the pixel DDPM is the oracle DDPM, fine-tuned ``oracle_ddpm_steps`` more on the held-out out-split too;
     ``few_shot_target``: the labelled few-shot-target track may use that many unlabelled held-out images)."""
     parsed = BackboneSpec.parse(spec)
     if parsed.kind == "pixel_ddpm":
@@ -28,6 +32,12 @@ def build_backbone(spec: str, *, dataset, train_envs: Sequence[int], test_envs: 
                                    holdout_fraction=holdout_fraction, config=config, cache_dir=cache_dir,
                                    store=store, device=device, progress=progress, costs=costs, allow_condition_on_held_out=oracle,
                                    made_by=made_by)
+        if oracle:
+            trained = train_oracle_ddpm(trained, dataset, train_envs, test_envs, trial_seed=trial_seed,
+                                        holdout_fraction=holdout_fraction, config=config, store=trained_store(store, cache_dir),
+                                        device=device, steps=oracle_ddpm_steps, progress=progress, costs=costs,
+                                        made_by=made_by)
+            return trained.backbone
         return trained.backbone.restrict(test_envs, allow_condition=oracle, few_shot_target=few_shot_target)
     common = dict(dataset=dataset.name, domains=dataset.domains, classes=dataset.classes,
                   image_channels=int(dataset.input_shape[0]))
@@ -39,6 +49,12 @@ def build_backbone(spec: str, *, dataset, train_envs: Sequence[int], test_envs: 
         dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
         backbone = StableDiffusionBackbone.from_pretrained(parsed.source, dtype=dtype, **common)
     return backbone.to(device).restrict(test_envs, allow_condition=oracle, few_shot_target=few_shot_target)
+
+
+def trained_store(store, cache_dir) -> ModelStore:
+    if store is None and cache_dir is None:
+        raise DfbenchError("a pixel DDPM needs a cache_dir or a ModelStore")
+    return store if store is not None else ModelStore(cache_dir)
 
 
 MODELS_SUBDIR = "models"  # <cache_dir>/models/<kind>/<key>/: the cached-model store (pixel DDPMs, helper models)

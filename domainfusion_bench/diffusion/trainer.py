@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset, WeightedRandomSampler
 
 from domainfusion_bench.diffusion.backbones import PixelDDPMBackbone, PixelDDPMConfig, resize
 from domainfusion_bench.diffusion.conditions import LeakageGuard
@@ -195,15 +195,29 @@ class InSplitImages(SplitImages):
                                                          shared_trials) for env in train_envs}, resolution)
 
 
-def _batches(data: InSplitImages, config: DDPMTrainConfig, workers: int) -> Iterator[tuple[torch.Tensor, ...]]:
+def _domain_weights(domains: torch.Tensor) -> torch.Tensor:
+    """Per item, 1 / (its domain's size): draws with these weights see every domain equally often."""
+    return 1.0 / torch.bincount(domains)[domains].double()
+
+
+def _batches(data: SplitImages, config: DDPMTrainConfig, workers: int,
+             balanced: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Endless training batches, drawn with replacement (``balanced``: each domain equally often)."""
     g = torch.Generator().manual_seed(config.seed)
     tensors = data.tensors()
     if tensors is not None:
         x, y, d = tensors
+        weights = _domain_weights(d) if balanced else None
         while True:
-            i = torch.randint(len(x), (config.batch_size,), generator=g)
+            i = (torch.randint(len(x), (config.batch_size,), generator=g) if weights is None
+                 else torch.multinomial(weights, config.batch_size, replacement=True, generator=g))
             yield x[i], y[i], d[i]
-    sampler = RandomSampler(data, replacement=True, num_samples=config.steps * config.batch_size, generator=g)
+    n = config.steps * config.batch_size
+    if balanced:
+        weights = _domain_weights(torch.tensor([env for env, _ in data.items]))
+        sampler = WeightedRandomSampler(weights, n, replacement=True, generator=g)
+    else:
+        sampler = RandomSampler(data, replacement=True, num_samples=n, generator=g)
     loader = DataLoader(data, batch_size=config.batch_size, sampler=sampler, num_workers=workers, drop_last=True)
     yield from loader
 
@@ -307,13 +321,16 @@ def _snapshot(backbone: PixelDDPMBackbone, ema, path: Path, steps: int, start: f
 
 
 def _train(backbone: PixelDDPMBackbone, dataset, train_envs, trial_seed, holdout_fraction, config: DDPMTrainConfig,
-           device, progress, workers, snapshot_every: int = 0, snapshot_dir: str | Path | None = None) -> None:
-    """Fit ``backbone`` in place on the in-splits of ``train_envs`` (optionally saving EMA snapshots)."""
+           device, progress, workers, snapshot_every: int = 0, snapshot_dir: str | Path | None = None,
+           data: SplitImages | None = None, balanced: bool = False) -> None:
+    """Fit ``backbone`` in place on the in-splits of ``train_envs`` (or on ``data``; ``balanced``: each domain
+    drawn equally often), optionally saving EMA snapshots."""
     from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    data = InSplitImages(dataset, train_envs, trial_seed, holdout_fraction, config.model.resolution, config.shared_trials)
+    if data is None:
+        data = InSplitImages(dataset, train_envs, trial_seed, holdout_fraction, config.model.resolution, config.shared_trials)
     backbone.info["trained_on"] = {
         d: {"n": len(idx), "indices_sha": hashlib.sha256(json.dumps(sorted(idx)).encode()).hexdigest()[:16]}
         for d, idx in data.index_record.items()}
@@ -333,7 +350,7 @@ def _train(backbone: PixelDDPMBackbone, dataset, train_envs, trial_seed, holdout
     start, losses = time.perf_counter(), []
     bar = tqdm(range(config.steps), desc=f"pixel DDPM {dataset.name} on {','.join(dataset.domains[e] for e in train_envs)}",
                disable=not progress, mininterval=1.0, dynamic_ncols=True)
-    batches = _batches(data, config, workers)
+    batches = _batches(data, config, workers, balanced)
     for step in bar:
         x, y, d = next(batches)
         x, y, d = x.to(device), y.to(device), d.to(device)

@@ -119,10 +119,11 @@ class Backbone:
         return {}
 
     # --- leakage guard --------------------------------------------------------------------------
-    def restrict(self, held_out, allow_condition: bool = False, few_shot_target: int = 0) -> "Backbone":
+    def restrict(self, held_out, allow_condition: bool = False, few_shot_target: int = 0,
+                 oracle_out_split: bool = False) -> "Backbone":
         """Install a run's guard: held-out domains may never be conditioned on (unless oracle) or started from
-        (``few_shot_target``: see ``LeakageGuard``)."""
-        guard = LeakageGuard(self.dataset, self.domains, held_out, allow_condition, few_shot_target)
+        (``few_shot_target``, ``oracle_out_split``: see ``LeakageGuard``)."""
+        guard = LeakageGuard(self.dataset, self.domains, held_out, allow_condition, few_shot_target, oracle_out_split)
         guard.check_seen(self.seen_domains, f"the {self.kind} backbone {self.key[:12]}")
         self.guard = guard
         return self

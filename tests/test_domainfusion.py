@@ -361,6 +361,8 @@ def test_domainfusion_records_distillation_pool_and_cost(df_runs):
     assert last["cost_nfe"] == 2 * generated  # int(10 DDIM steps x 0.2) per image
     assert last["cost_ld_nfe"] == STEPS * 16 * 3 and records[0]["cost_ld_nfe"] == 16 * 3
     assert last["metric_df_refreshes"] == 2 and records[0]["metric_df_refreshes"] == 0
+    # the refresh candidates are judged too (before recombination: where oracle guidance acts)
+    assert 0 <= last["metric_invalid_rate_candidates"] <= 1 and "metric_invalid_rate_candidates" not in records[0]
     assert last["metric_df_generated_vs_cdga"] == pytest.approx(generated / (sum(n_in) * 2 * 1))
     assert records[0]["metric_df_generated_vs_cdga"] == pytest.approx(sum(sizes) / (sum(n_in) * 2))
     assert last["cost_diffusion_train_seconds"] > 0 and last["cost_generation_seconds"] > 0

@@ -258,7 +258,7 @@ def test_tgdp_run_records_guidance_statistics_and_costs(tgdp_runs):
     # 3 training domains + 1 mix, 10 classes x 1 sample each, + 1 unguided probe per class and domain
     assert last["cost_generated_images"] == 4 * 10 + 3 * 10
     assert last["cost_guidance_evals"] == 4 * 10 * 2  # one h evaluation per guided image and DDIM step
-    assert last["cost_nfe"] == 2 * last["cost_generated_images"]
+    assert last["cost_nfe"] == 2 * 2 * last["cost_generated_images"]  # 2 DDIM steps, 2 calls each (class CFG)
     for helper in ("tgdp_domain_classifier", "tgdp_guidance_net", "diffusion"):
         assert any(k.startswith(f"cost_{helper}") and k.endswith("train_seconds") for k in last), helper
     assert last["cost_generation_seconds"] > 0

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from domainfusion_bench.algorithms.base import register_algorithm
 from domainfusion_bench.algorithms.domainfusion_schedule import cdga_counts, ld_subset, refresh_period
 from domainfusion_bench.algorithms.generative import GenerativeAlgorithm
+from domainfusion_bench.algorithms.validity import judge_generation
 from domainfusion_bench.data.pools import mixed_split
 from domainfusion_bench.diffusion import Request, mix
 from domainfusion_bench.diffusion.backbones import Backbone, resize
@@ -307,6 +308,10 @@ class DomainFusion(GenerativeAlgorithm):
             requests = self._requests(context, env, resize(current, self._diffusion.resolution),
                                       range(len(current)), pool["labels"], round_, n, refs)
             candidates = self._img2img(context, requests, f"DomainFusion refresh {round_} of {ds.domains[env]}")
+            if hp.get("og_measure"):  # the sampler's own output, before recombination (oracle guidance acts here)
+                rate = judge_generation(self, context, candidates, pool["labels"].repeat_interleave(n), env,
+                                        f"candidates{round_}")
+                context.metrics.set("invalid_rate_candidates", rate)
             grid = candidates.view(len(current), n, *candidates.shape[1:])
             pool["images"], content, style = self.refresh_pool(pool["images"], grid, net, device)
             recombined += int((content != style).sum())

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from domainfusion_bench.diffusion.backbones import Backbone, resize
+from domainfusion_bench.diffusion.fitting import fit, tail_mean
 from domainfusion_bench.diffusion.oracle_guidance import ClassifierOracle, check_threshold
 from domainfusion_bench.diffusion.trainer import SHARED_TRIALS, InSplitImages, held_out_indices, shared_identity
 from domainfusion_bench.errors import DfbenchError
@@ -89,21 +90,15 @@ def fit_oracle(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: dict[st
     opt = torch.optim.AdamW(net.parameters(), lr=config["lr"], weight_decay=config.get("weight_decay", 5e-4), foreach=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config["lr"], total_steps=config["steps"])
     net.train()
-    losses: list[float] = []
-    for step in range(config["steps"]):
+
+    def loss_fn(step: int) -> torch.Tensor:
         idx = torch.randint(len(x), (config["batch_size"],), generator=g)
         batch = augment(x[idx], g, config.get("shift", 2)) if config.get("augment", True) else x[idx]
-        loss = F.cross_entropy(net(batch.to(device)), y[idx].to(device), label_smoothing=config.get("label_smoothing", 0.1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 50 == 0:
-            heartbeat()
+        return F.cross_entropy(net(batch.to(device)), y[idx].to(device), label_smoothing=config.get("label_smoothing", 0.1))
+
+    losses = fit(net.parameters(), loss_fn, steps=config["steps"], optimizer=opt, schedule=sched, heartbeat=heartbeat)
     net.eval()
-    tail = losses[-50:] or [float("nan")]
-    return sum(tail) / len(tail)
+    return tail_mean(losses)
 
 
 @torch.no_grad()

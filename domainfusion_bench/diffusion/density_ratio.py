@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from domainfusion_bench.diffusion.conditions import Condition
+from domainfusion_bench.diffusion.fitting import fit
 from domainfusion_bench.diffusion.samplers import GuidanceTerm
 from domainfusion_bench.errors import DfbenchError
 
@@ -210,7 +211,8 @@ def train_domain_classifier(model: DomainClassifier, source: torch.Tensor, targe
     b = config.batch_size
     start = time.perf_counter()
     abar_cpu = abar.detach().float().cpu() if time_cond else None
-    for step in range(steps):
+
+    def loss_fn(step: int) -> torch.Tensor:
         loss = 0.0
         zs = source[_draw(len(source), b, g)].float()
         ts = None
@@ -227,11 +229,9 @@ def train_domain_classifier(model: DomainClassifier, source: torch.Tensor, targe
             out_t = model(zt.to(device), tt)[:, k]
             loss = loss + F.binary_cross_entropy_with_logits(out_t, torch.ones_like(out_t)) \
                 + F.binary_cross_entropy_with_logits(out_s[:, k], torch.zeros_like(out_s[:, k]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if heartbeat is not None and step % 50 == 0:
-            heartbeat()
+        return loss
+
+    fit(model.parameters(), loss_fn, steps=steps, optimizer=opt, heartbeat=heartbeat)
     model.eval().requires_grad_(False)
     acc = None
     if not time_cond:  # balanced accuracy of each head on its training sets
@@ -299,7 +299,8 @@ def train_guidance_net(h: GuidanceNet, source: torch.Tensor, source_ratios: torc
     b = config.batch_size
     start = time.perf_counter()
     terms = {"regression": [], "consistency": [], "cycle": []}
-    for step in range(config.h_steps):
+
+    def loss_fn(step: int) -> torch.Tensor:
         i = _draw(len(source), b, g)
         z_t, t, _ = _noised(source[i].float(), abar_cpu, g, config.h_time_power)
         y = None
@@ -333,12 +334,9 @@ def train_guidance_net(h: GuidanceNet, source: torch.Tensor, source_ratios: torc
             cyc = F.mse_loss(h(zc, tc, None), r_t)
             terms["cycle"].append(cyc.item())
             loss = loss + config.cycle_weight * cyc
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
-        if heartbeat is not None and step % 50 == 0:
-            heartbeat()
+        return loss
+
+    fit(h.parameters(), loss_fn, steps=config.h_steps, optimizer=opt, schedule=schedule, heartbeat=heartbeat)
     h.eval().requires_grad_(False)
     tail = lambda v: sum(v[-50:]) / len(v[-50:]) if v else None
     return {"seconds": time.perf_counter() - start, "steps": config.h_steps,

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset, 
 
 from domainfusion_bench.diffusion.backbones import PixelDDPMBackbone, PixelDDPMConfig, resize
 from domainfusion_bench.diffusion.conditions import LeakageGuard
+from domainfusion_bench.diffusion import fitting
 from domainfusion_bench.diffusion.store import ModelStore
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.protocol import HOLDOUT_FRACTION, split_indices
@@ -309,9 +310,8 @@ def _snapshot(backbone: PixelDDPMBackbone, ema, path: Path, steps: int, start: f
     if ema is not None:
         ema.store(params)
         ema.copy_to(params)
-    tail = losses[-50:] or [float("nan")]
     info = dict(backbone.info)
-    backbone.info.update(steps_done=steps, train_seconds=time.perf_counter() - start, final_loss=sum(tail) / len(tail))
+    backbone.info.update(steps_done=steps, train_seconds=time.perf_counter() - start, final_loss=fitting.tail_mean(losses))
     try:
         backbone.save(path)
     finally:
@@ -327,7 +327,6 @@ def _train(backbone: PixelDDPMBackbone, dataset, train_envs, trial_seed, holdout
     drawn equally often), optionally saving EMA snapshots."""
     from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
 
     if data is None:
         data = InSplitImages(dataset, train_envs, trial_seed, holdout_fraction, config.model.resolution, config.shared_trials)
@@ -347,13 +346,10 @@ def _train(backbone: PixelDDPMBackbone, dataset, train_envs, trial_seed, holdout
     g = torch.Generator().manual_seed(config.seed + 1)
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    start, losses = time.perf_counter(), []
-    bar = tqdm(range(config.steps), desc=f"pixel DDPM {dataset.name} on {','.join(dataset.domains[e] for e in train_envs)}",
-               disable=not progress, mininterval=1.0, dynamic_ncols=True)
     batches = _batches(data, config, workers, balanced)
-    for step in bar:
-        x, y, d = next(batches)
-        x, y, d = x.to(device), y.to(device), d.to(device)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        x, y, d = (v.to(device) for v in next(batches))
         b = len(x)
         noise = torch.randn(x.shape, generator=g).to(device)
         t = torch.randint(0, T, (b,), generator=g).to(device)
@@ -369,30 +365,25 @@ def _train(backbone: PixelDDPMBackbone, dataset, train_envs, trial_seed, holdout
             out = model(z_t, t, y, w)
         target = noise if config.model.prediction == "epsilon" else x * 2 - 1
         if abar is None:
-            loss = F.mse_loss(out.float(), target)
-        else:  # min-SNR-gamma: weight min(snr, gamma) on x0 error = min(1, gamma / snr) on eps error
-            snr = abar[t] / (1 - abar[t])
-            weight = torch.minimum(snr, torch.full_like(snr, config.snr_gamma))
-            weight = weight if config.model.prediction == "sample" else weight / snr
-            loss = ((out.float() - target) ** 2).mean(dim=(1, 2, 3)).mul(weight).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        lr_schedule.step()
-        if ema is not None:
-            ema.step(model.parameters())
-        losses.append(loss.item())
+            return F.mse_loss(out.float(), target)
+        # min-SNR-gamma: weight min(snr, gamma) on x0 error = min(1, gamma / snr) on eps error
+        snr = abar[t] / (1 - abar[t])
+        weight = torch.minimum(snr, torch.full_like(snr, config.snr_gamma))
+        weight = weight if config.model.prediction == "sample" else weight / snr
+        return ((out.float() - target) ** 2).mean(dim=(1, 2, 3)).mul(weight).mean()
+
+    def snapshot(step: int, losses: list[float]) -> None:
         if snapshot_every > 0 and snapshot_dir is not None and (step + 1) % snapshot_every == 0:
             _snapshot(backbone, ema, Path(snapshot_dir) / f"step_{step + 1}", step + 1, start, losses)
-        if step % 20 == 0 or step == config.steps - 1:
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-    bar.close()
+
+    start = time.perf_counter()
+    losses = fitting.fit(model.parameters(), loss_fn, steps=config.steps, optimizer=optimizer, schedule=lr_schedule, clip=1.0,
+                         ema=ema, on_step=snapshot, progress=progress,
+                         desc=f"pixel DDPM {dataset.name} on {','.join(dataset.domains[e] for e in train_envs)}")
     if device.type == "cuda":
         torch.cuda.synchronize()
     if ema is not None:
         ema.copy_to(model.parameters())
-    tail = losses[-50:] or [float("nan")]
-    backbone.info.update(train_seconds=time.perf_counter() - start, final_loss=sum(tail) / len(tail),
+    backbone.info.update(train_seconds=time.perf_counter() - start, final_loss=fitting.tail_mean(losses),
                          device=str(device), created=time.time())
     model.eval()

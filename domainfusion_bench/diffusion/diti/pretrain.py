@@ -10,6 +10,7 @@ import torch
 from domainfusion_bench.diffusion.backbones import Backbone
 from domainfusion_bench.diffusion.diti.networks import DiTiEncoder, DiTiModel, ShiftBranch
 from domainfusion_bench.diffusion.diti.objective import DiTiConfig, DiTiObjective, as_unit, evaluate_loss
+from domainfusion_bench.diffusion.fitting import fit, tail_mean
 from domainfusion_bench.errors import DfbenchError
 
 
@@ -33,7 +34,6 @@ def pretrain_diti(backbone: Backbone, images: torch.Tensor, config: DiTiConfig, 
     vs eval_frozen_loss on a fixed draw, end_dims, z_mean and z_std over ``images``). The backbone is never
     updated; the caller's random streams are left untouched."""
     from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
 
     if images.dim() != 4 or len(images) == 0:
         raise DfbenchError(f"DiTi pre-training needs a non-empty [N, C, H, W] image tensor, got {tuple(images.shape)}")
@@ -51,21 +51,14 @@ def pretrain_diti(backbone: Backbone, images: torch.Tensor, config: DiTiConfig, 
         optimizer = torch.optim.Adam(params, lr=config.lr)
         ema = EMAModel(params, decay=config.ema_decay)
         g = torch.Generator().manual_seed(config.seed + 1)
-        start, losses = time.perf_counter(), []
-        bar = tqdm(range(config.steps), desc=desc, disable=not progress, mininterval=1.0, dynamic_ncols=True)
-        for step in bar:
+
+        def loss_fn(step: int) -> torch.Tensor:
             idx = torch.randint(len(images), (config.batch_size,), generator=g)
-            loss, frozen = objective.loss(encoder, branch, as_unit(images[idx].to(device)), generator=g)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            ema.step(params)
-            losses.append(loss.item())
-            if step % 20 == 0 or step == config.steps - 1:
-                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-                if heartbeat is not None:
-                    heartbeat()
-        bar.close()
+            return objective.loss(encoder, branch, as_unit(images[idx].to(device)), generator=g)[0]
+
+        start = time.perf_counter()
+        losses = fit(params, loss_fn, steps=config.steps, optimizer=optimizer, ema=ema, heartbeat=heartbeat,
+                     progress=progress, desc=desc)
         if config.steps:
             ema.copy_to(params)
         encoder.eval(), branch.eval()
@@ -74,8 +67,7 @@ def pretrain_diti(backbone: Backbone, images: torch.Tensor, config: DiTiConfig, 
         eval_loss, eval_frozen = evaluate_loss(objective, encoder, branch, held)
         with torch.no_grad():
             z = torch.cat([encoder(as_unit(images[i:i + 256].to(device))).float().cpu() for i in range(0, len(images), 256)])
-    tail = losses[-50:] or [float("nan")]
-    info = {"train_seconds": seconds, "final_loss": sum(tail) / len(tail), "eval_loss": eval_loss,
+    info = {"train_seconds": seconds, "final_loss": tail_mean(losses), "eval_loss": eval_loss,
             "eval_frozen_loss": eval_frozen, "steps": config.steps, "n_images": len(images),
             "end_dims": objective.end_dims, "stage_edges": objective.stage_edges, "config": config.to_json(), "device": str(device),
             "z_mean": z.mean(0).tolist(), "z_std": z.std(0).nan_to_num(1.0).clamp(min=1e-6).tolist()}

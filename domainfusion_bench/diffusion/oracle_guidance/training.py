@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from domainfusion_bench.diffusion.fitting import fit, tail_mean
 from domainfusion_bench.diffusion.oracle_guidance.classifiers import ValidityClassifier
 from domainfusion_bench.errors import DfbenchError
 
@@ -75,19 +76,9 @@ def _fit(module: nn.Module, batch_loss: Callable[[int], torch.Tensor], steps: in
     opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     module.train()
-    losses = []
-    for step in range(steps):
-        loss = batch_loss(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if heartbeat is not None and step % 50 == 0:
-            heartbeat()
+    losses = fit(module.parameters(), batch_loss, steps=steps, optimizer=opt, schedule=sched, heartbeat=heartbeat)
     module.eval().requires_grad_(False)
-    tail = losses[-max(1, len(losses) // 10):] or [float("nan")]
-    return sum(tail) / len(tail)
+    return tail_mean(losses, max(1, len(losses) // 10))
 
 
 def train_validity_classifier(classifier: ValidityClassifier, x0: torch.Tensor, valid: torch.Tensor,

@@ -2,6 +2,7 @@
 
     python -m domainfusion_bench.shipping ddpm <snapshot folder> --dataset DigitStyles --test_envs 2 --steps N
     python -m domainfusion_bench.shipping oracle --dataset DigitStyles --test_envs 2
+    python -m domainfusion_bench.shipping oracle-ddpm --dataset DigitStyles --test_envs 2 --trial_seed 0
 
 A shipped model has the key of the model that ``dfbench diffusion train`` (or a run) would train with the same
 config, so the cached-model store serves it in place of training; its card (``card.json`` + ``MODEL_CARD.md``)
@@ -99,6 +100,45 @@ def ship_oracle(dataset, test_envs: Sequence[int], *, dest_root: Path = SHIPPED_
     return dest
 
 
+def ship_oracle_ddpm(dataset, test_envs: Sequence[int], *, trial_seed: int = 0, dest_root: Path = SHIPPED_DIR,
+                     holdout_fraction: float = HOLDOUT_FRACTION, store_dir: Path | None = None) -> Path:
+    """Ship CDGA*'s oracle DDPM for one trial: found in (or fine-tuned into) the store at ``store_dir`` from
+    the shipped DDPM, exactly as a CDGA* run with default hyperparameters makes it."""
+    from domainfusion_bench.diffusion.oracle_ddpm import ORACLE_STEPS, train_oracle_ddpm
+    from domainfusion_bench.diffusion.trainer import train_pixel_ddpm
+
+    train_envs = _train_envs(dataset, test_envs)
+    config = default_config(dataset)
+    runs = ModelStore(store_dir or Path(tempfile.mkdtemp()))  # the base DDPM comes from the shipped models
+    base = train_pixel_ddpm(dataset, train_envs, test_envs, trial_seed=trial_seed, holdout_fraction=holdout_fraction,
+                            config=config, store=runs, allow_condition_on_held_out=True)
+    oracle = train_oracle_ddpm(base.backbone, dataset, train_envs, test_envs, trial_seed=trial_seed,
+                               holdout_fraction=holdout_fraction, config=config, store=runs, device="cpu",
+                               made_by="dfbench shipped oracle_pixel_ddpm")
+    meta = json.loads((oracle.path / "meta.json").read_text())
+    seen = sorted(meta["identity"]["seen_envs"])
+    held = ", ".join(dataset.domains[e] for e in test_envs)
+    command = (f"python -m domainfusion_bench.shipping oracle-ddpm --dataset {dataset.name} --test_envs "
+               f"{' '.join(map(str, test_envs))} --trial_seed {trial_seed}  (fine-tunes the shipped pixel DDPM "
+               f"{ORACLE_STEPS} steps as a CDGA* run does)")
+    info = {**meta["info"], "oracle_of": base.key, "steps": ORACLE_STEPS, "train_seconds": oracle.train_seconds,
+            "config": meta["identity"]["config"]}
+    card_text = "\n".join([
+        f"# oracle_pixel_ddpm for {dataset.name}, {held} held out, trial seed {trial_seed} (CDGA* only)", "",
+        f"- store key: `{oracle.key}`", f"- starts from the shipped pixel DDPM `{base.key}`",
+        f"- data: the training domains' in-splits (trial seeds 0-2) and **{held}'s out-split under trial seed "
+        f"{trial_seed} only** (the images oracle selection validates on; never its in-split, where test accuracy "
+        f"is read); domains drawn equally often", "- only oracle rows may use it: the leakage guard refuses it to every other run",
+        f"- reproduce: `{command}`", "- weights: safetensors, float16 (trained in float32; loaded back as float32)",
+        f"- made: {time.strftime('%Y-%m-%d')}", "", "## Config and measurements", "", "```json",
+        json.dumps(info, indent=1, default=str), "```", ""])
+    dest = write_shipped(oracle.path, dest_root, kind="oracle_pixel_ddpm", key=oracle.key, identity=meta["identity"],
+                         dataset=dataset, seen_envs=seen, train_seconds=oracle.train_seconds, command=command,
+                         info=info, card_text=card_text, half=True)
+    (dest / "MODEL_CARD.md").write_text(card_text + _checksums(dest))
+    return dest
+
+
 def _checksums(dest: Path) -> str:
     card = json.loads((dest / "card.json").read_text())
     return "\n## Files (sha256)\n\n" + "".join(f"- `{name}`: `{sha}`\n" for name, sha in sorted(card["files"].items()))
@@ -123,12 +163,14 @@ def main(argv=None) -> None:
     from domainfusion_bench.paths import DEFAULT_DATA_DIR
 
     p = argparse.ArgumentParser(prog="python -m domainfusion_bench.shipping")
-    p.add_argument("what", choices=["ddpm", "oracle"])
+    p.add_argument("what", choices=["ddpm", "oracle", "oracle-ddpm"])
     p.add_argument("snapshot", nargs="?", help="ddpm: the saved model folder (a snapshot of train_pixel_ddpm)")
     p.add_argument("--dataset", required=True)
     p.add_argument("--test_envs", type=int, nargs="+", required=True)
     p.add_argument("--steps", type=int, help="ddpm: the steps of the snapshot")
     p.add_argument("--notes", default="")
+    p.add_argument("--trial_seed", type=int, default=0, help="oracle-ddpm: the trial whose out-split it sees")
+    p.add_argument("--store_dir", help="oracle-ddpm: a model store that may already hold it (e.g. <data>/.dfbench_cache/models)")
     p.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
     ns = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -137,6 +179,9 @@ def main(argv=None) -> None:
         if not ns.snapshot or not ns.steps:
             raise DfbenchError("shipping a ddpm needs the snapshot folder and --steps")
         print(ship_ddpm(Path(ns.snapshot), dataset, ns.test_envs, ns.steps, notes=ns.notes))
+    elif ns.what == "oracle-ddpm":
+        print(ship_oracle_ddpm(dataset, ns.test_envs, trial_seed=ns.trial_seed,
+                               store_dir=Path(ns.store_dir) if ns.store_dir else None))
     else:
         print(ship_oracle(dataset, ns.test_envs))
 

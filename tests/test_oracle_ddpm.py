@@ -24,7 +24,7 @@ def sha(indices):
 def models(tmp_path_factory):
     store = ModelStore(tmp_path_factory.mktemp("models"), shipped=None)
     base = train_pixel_ddpm(Toy(), [0, 1, 2], [3], config=config(), store=store, progress=False, made_by="base")
-    oracles = {seed: train_oracle_ddpm(base, Toy(), [0, 1, 2], [3], trial_seed=seed, holdout_fraction=0.2,
+    oracles = {seed: train_oracle_ddpm(base.backbone, Toy(), [0, 1, 2], [3], trial_seed=seed, holdout_fraction=0.2,
                                        config=config(), store=store, device="cpu", steps=3, progress=False,
                                        made_by=f"oracle-{seed}") for seed in (0, 1)}
     return base, oracles

@@ -11,6 +11,7 @@ from domainfusion_bench.costs import CostMeter
 from domainfusion_bench.diffusion.conditions import LeakageGuard
 from domainfusion_bench.diffusion.store import CARD, SHIPPED_DIR, WEIGHTS, ModelStore, write_shipped
 from domainfusion_bench.errors import DfbenchError
+from domainfusion_bench.protocol import split_indices
 
 
 class Data:
@@ -156,3 +157,23 @@ def test_no_shipped_environment_variable_makes_stores_train(monkeypatch):
     assert ModelStore("unused").shipped is None
     monkeypatch.setenv("DFBENCH_NO_SHIPPED", "0")
     assert ModelStore("unused").shipped == SHIPPED_DIR
+
+
+def test_demo_oracle_ddpm_is_shipped_for_trial_0_and_serves_oracle_rows_only(tmp_path, monkeypatch):
+    from domainfusion_bench.diffusion import factory, oracle_ddpm
+
+    monkeypatch.setattr(oracle_ddpm, "_train", lambda *a, **k: pytest.fail("the shipped oracle DDPM was retrained"))
+    ds, store = _digitstyles(), ModelStore(tmp_path, shipped=SHIPPED_DIR)
+    costs = CostMeter()
+    base = factory.build_backbone("pixel_ddpm", dataset=ds, train_envs=[0, 1, 3], test_envs=[2], store=store,
+                                  trial_seed=0, progress=False)
+    backbone = factory.oracle_pixel_ddpm(base, dataset=ds, train_envs=[0, 1, 3], test_envs=[2], store=store,
+                                         trial_seed=0, costs=costs, progress=False)
+    assert store.shipped_path("oracle_pixel_ddpm", backbone.key) is not None
+    assert sorted(backbone.seen_domains) == [0, 1, 2, 3] and backbone.guard.oracle_out_split
+    assert costs.totals["reused_oracle_diffusion_train_seconds"] == costs.totals["oracle_diffusion_train_seconds"] > 0
+    card = json.loads((store.shipped_path("oracle_pixel_ddpm", backbone.key) / "card.json").read_text())
+    assert card["seen_domains"] == ["poster", "crayon", "stencil", "chalk"]
+    assert card["info"]["trained_on"]["stencil"]["n"] == len(split_indices(len(ds.envs[2]), 0, 2, 0.2)[0])
+    with pytest.raises(DfbenchError, match="leakage guard"):  # a DG row's guard refuses it
+        backbone.restrict([2])

@@ -26,7 +26,6 @@ from domainfusion_bench.algorithms.base import register_algorithm
 from domainfusion_bench.algorithms.generative import GenerativeAlgorithm
 from domainfusion_bench.data.pools import mixed_split, synthetic_share
 from domainfusion_bench.diffusion import Request, mix
-from domainfusion_bench.diffusion.oracle_ddpm import ORACLE_STEPS
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.protocol import seed_hash, split_indices
 
@@ -124,7 +123,6 @@ class CDGAOracle(CDGA):
     @classmethod
     def hparam_space(cls, space, dataset):
         super().hparam_space(space, dataset)
-        space.add("oracle_ddpm_steps", ORACLE_STEPS)  # fine-tuning steps of the oracle DDPM (pixel DDPM only)
         # toward a held-out domain: 1 = sample from noise. img2img keeps its source's surface (colours, ground)
         # even at strength 0.9 on the pixel DDPM: a 4-domain probe reads 18% of such images as the held-out
         # domain, 76% of pure samples (measured; docs/methods.md), so the oracle's knowledge reaches the
@@ -133,13 +131,16 @@ class CDGAOracle(CDGA):
         space.add("cdga_oracle_guidance", 2.0)
 
     def draw(self, context, backbone, sampler, requests: list[Request], env: int) -> tuple[torch.Tensor, list[Request], list]:
-        """CDGA's images toward the training domains, then those toward a held-out domain at the oracle's own
-        strength and guidance (from noise at strength 1)."""
+        """CDGA's own images toward the training domains (the run's DDPM: the same images as CDGA's), then those
+        toward a held-out domain from the oracle generator ``backbone``, at the oracle's own strength and
+        guidance (from noise at strength 1)."""
         hp, held = self.hparams, set(context.test_envs)
         toward_held = [any(d in held and w > 0 for d, w in r.domains.items()) for r in requests]
         ordinary = [r for r, t in zip(requests, toward_held) if not t]
         oracle = [r for r, t in zip(requests, toward_held) if t]
-        images, ordinary, ordinary_stats = super().draw(context, backbone, sampler, ordinary, env)
+        base = self.backbone(context, oracle=False)
+        base_sampler = self.sampler(base, self.guidance_terms(context, base), guidance_scale=hp["cdga_guidance"])
+        images, ordinary, ordinary_stats = super().draw(context, base, base_sampler, ordinary, env)
         strength = hp["cdga_oracle_strength"]
         if not 0 < strength <= 1:
             raise DfbenchError(f"CDGA* needs 0 < cdga_oracle_strength <= 1 (1: from noise), got {strength}")

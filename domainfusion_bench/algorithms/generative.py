@@ -19,7 +19,9 @@ from domainfusion_bench.algorithms.erm import ERM
 from domainfusion_bench.algorithms.previews import PREVIEW_IMAGES, PreviewStrip, keep_preview
 from domainfusion_bench.algorithms.validity import judge_generation, oracle_classifier, oracle_hparams
 from domainfusion_bench.diffusion import DDIMSampler, LeakageGuard, SamplerConfig, build_backbone
-from domainfusion_bench.diffusion.backbones import Backbone, resize
+from domainfusion_bench.diffusion.factory import oracle_pixel_ddpm
+from domainfusion_bench.diffusion.oracle_ddpm import ORACLE_STEPS
+from domainfusion_bench.diffusion.backbones import Backbone, BackboneSpec, resize
 from domainfusion_bench.diffusion.cache import quantize
 from domainfusion_bench.diffusion.samplers import GuidanceTerm
 from domainfusion_bench.diffusion.trainer import DEFAULT_STEPS, default_config
@@ -41,6 +43,8 @@ class GenerativeAlgorithm(ERM):
         space.add("ddpm_steps", DEFAULT_STEPS)  # training steps of the shared pixel DDPM (cached per training domains)
         space.add("sample_steps", 10)  # DDIM steps of a full trajectory (img2img runs strength x this)
         oracle_hparams(space)  # og_measure: every generation judged by the validity oracle
+        if cls.ORACLE:  # fine-tuning steps of the oracle DDPM (diffusion/oracle_ddpm.py; pixel DDPM only)
+            space.add("oracle_ddpm_steps", ORACLE_STEPS)
 
     # --- shared parts -----------------------------------------------------------------------------
     def backbone(self, context, oracle: bool | None = None) -> Backbone:
@@ -49,13 +53,17 @@ class GenerativeAlgorithm(ERM):
         cached = getattr(self, "_backbones", {})
         if oracle not in cached:
             hp, args = self.hparams, context.args
-            cached[oracle] = build_backbone(
-                hp["diffusion_backbone"], dataset=context.dataset, train_envs=context.train_envs,
-                test_envs=context.test_envs, store=context.models, device=context.device,
-                trial_seed=args.trial_seed, holdout_fraction=args.holdout_fraction, costs=context.costs,
-                ddpm_steps=hp["ddpm_steps"], oracle=oracle, made_by=context.made_by,
-                few_shot_target=self.few_shot_target(), **({"oracle_ddpm_steps": hp["oracle_ddpm_steps"]}
-                                                          if "oracle_ddpm_steps" in hp else {}))
+            common = dict(dataset=context.dataset, train_envs=context.train_envs, test_envs=context.test_envs,
+                          store=context.models, device=context.device, trial_seed=args.trial_seed,
+                          holdout_fraction=args.holdout_fraction, costs=context.costs, ddpm_steps=hp["ddpm_steps"],
+                          made_by=context.made_by)
+            if oracle and BackboneSpec.parse(hp["diffusion_backbone"]).kind == "pixel_ddpm":
+                # the run's DDPM (charged once, shared with the row's DG generations) fine-tuned to know the target
+                cached[oracle] = oracle_pixel_ddpm(self.backbone(context, oracle=False), **common,
+                                                   oracle_ddpm_steps=hp["oracle_ddpm_steps"])
+            else:
+                cached[oracle] = build_backbone(hp["diffusion_backbone"], **common, oracle=oracle,
+                                                few_shot_target=self.few_shot_target())
             self._backbones = cached
         return cached[oracle]
 

@@ -9,11 +9,9 @@ from typing import Sequence
 
 import torch
 
-from domainfusion_bench.diffusion.backbones import Backbone, BackboneSpec, StableDiffusionBackbone
+from domainfusion_bench.diffusion.backbones import Backbone, BackboneSpec, PixelDDPMBackbone, StableDiffusionBackbone
 from domainfusion_bench.diffusion.oracle_ddpm import ORACLE_STEPS, train_oracle_ddpm
-from domainfusion_bench.diffusion.store import ModelStore
 from domainfusion_bench.diffusion.trainer import default_config, train_pixel_ddpm
-from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.protocol import HOLDOUT_FRACTION
 
 
@@ -21,9 +19,9 @@ def build_backbone(spec: str, *, dataset, train_envs: Sequence[int], test_envs: 
                    cache_dir: str | Path | None = None, store=None, device: str | torch.device = "cpu", trial_seed: int = 0, holdout_fraction: float = HOLDOUT_FRACTION,
                    costs=None, ddpm_steps: int | None = None, ddpm_overrides: dict | None = None,
                    oracle: bool = False, progress: bool = True, made_by: str | None = None,
-                   few_shot_target: int = 0, oracle_ddpm_steps: int = ORACLE_STEPS) -> Backbone:
-    """A backbone with the run's leakage guard installed (``oracle``: may condition on held-out domains, and
-    the pixel DDPM is the oracle DDPM, fine-tuned ``oracle_ddpm_steps`` more on the held-out out-split too;
+                   few_shot_target: int = 0) -> Backbone:
+    """A backbone with the run's leakage guard installed (``oracle``: may condition on held-out domains; for
+    the pixel DDPM an oracle row wants ``oracle_pixel_ddpm`` instead, whose held-out embedding was trained;
     ``few_shot_target``: the labelled few-shot-target track may use that many unlabelled held-out images)."""
     parsed = BackboneSpec.parse(spec)
     if parsed.kind == "pixel_ddpm":
@@ -32,12 +30,6 @@ def build_backbone(spec: str, *, dataset, train_envs: Sequence[int], test_envs: 
                                    holdout_fraction=holdout_fraction, config=config, cache_dir=cache_dir,
                                    store=store, device=device, progress=progress, costs=costs, allow_condition_on_held_out=oracle,
                                    made_by=made_by)
-        if oracle:
-            trained = train_oracle_ddpm(trained, dataset, train_envs, test_envs, trial_seed=trial_seed,
-                                        holdout_fraction=holdout_fraction, config=config, store=trained_store(store, cache_dir),
-                                        device=device, steps=oracle_ddpm_steps, progress=progress, costs=costs,
-                                        made_by=made_by)
-            return trained.backbone
         return trained.backbone.restrict(test_envs, allow_condition=oracle, few_shot_target=few_shot_target)
     common = dict(dataset=dataset.name, domains=dataset.domains, classes=dataset.classes,
                   image_channels=int(dataset.input_shape[0]))
@@ -51,10 +43,17 @@ def build_backbone(spec: str, *, dataset, train_envs: Sequence[int], test_envs: 
     return backbone.to(device).restrict(test_envs, allow_condition=oracle, few_shot_target=few_shot_target)
 
 
-def trained_store(store, cache_dir) -> ModelStore:
-    if store is None and cache_dir is None:
-        raise DfbenchError("a pixel DDPM needs a cache_dir or a ModelStore")
-    return store if store is not None else ModelStore(cache_dir)
+def oracle_pixel_ddpm(base: PixelDDPMBackbone, *, dataset, train_envs: Sequence[int], test_envs: Sequence[int], store,
+                    device: str | torch.device = "cpu", trial_seed: int = 0, holdout_fraction: float = HOLDOUT_FRACTION,
+                    costs=None, ddpm_steps: int | None = None, oracle_ddpm_steps: int = ORACLE_STEPS,
+                    progress: bool = True, made_by: str | None = None) -> Backbone:
+    """An oracle row's pixel DDPM: the oracle DDPM fine-tuned from ``base`` (the run's pixel DDPM) on the
+    held-out out-split as well (``diffusion/oracle_ddpm.py``). Other backbones need nothing of the kind: a
+    text-conditioned model already knows the held-out domain's description (``build_backbone(oracle=True)``)."""
+    config = default_config(dataset, steps=ddpm_steps)
+    return train_oracle_ddpm(base, dataset, train_envs, test_envs, trial_seed=trial_seed,
+                             holdout_fraction=holdout_fraction, config=config, store=store, device=device,
+                             steps=oracle_ddpm_steps, progress=progress, costs=costs, made_by=made_by).backbone
 
 
 MODELS_SUBDIR = "models"  # <cache_dir>/models/<kind>/<key>/: the cached-model store (pixel DDPMs, helper models)

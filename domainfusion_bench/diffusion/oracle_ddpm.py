@@ -18,12 +18,14 @@ only in what the generator knows), 1,500 steps at the DDPM's own learning rate, 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Sequence
 
 import torch
 
 from domainfusion_bench.diffusion.conditions import LeakageGuard
+from domainfusion_bench.diffusion.backbones import PixelDDPMBackbone
 from domainfusion_bench.diffusion.trainer import (SplitImages, TrainedDDPM, _load_backbone, _train, ddpm_where,
                                                   training_indices)
 from domainfusion_bench.errors import DfbenchError
@@ -45,11 +47,11 @@ def oracle_indices(dataset, train_envs: Sequence[int], test_envs: Sequence[int],
     return dict(sorted(out.items()))
 
 
-def train_oracle_ddpm(base: TrainedDDPM, dataset, train_envs: Sequence[int], test_envs: Sequence[int], *,
+def train_oracle_ddpm(base: PixelDDPMBackbone, dataset, train_envs: Sequence[int], test_envs: Sequence[int], *,
                       trial_seed: int, holdout_fraction: float, config, store, device, steps: int = ORACLE_STEPS,
                       progress: bool = True, costs=None, made_by: str | None = None) -> TrainedDDPM:
-    """The oracle DDPM for this trial (see the module docstring), from the store or fine-tuned from ``base``
-    (whose training cost the caller has already been charged)."""
+    """The oracle DDPM for this trial (see the module docstring), from the store or fine-tuned from ``base``,
+    the run's DDPM (whose training cost the caller has already been charged; it is copied, never changed)."""
     if steps < 1:
         raise DfbenchError(f"the oracle DDPM needs at least 1 fine-tuning step, got {steps}")
     train_envs, test_envs = sorted(int(e) for e in train_envs), sorted(int(e) for e in test_envs)
@@ -65,7 +67,7 @@ def train_oracle_ddpm(base: TrainedDDPM, dataset, train_envs: Sequence[int], tes
     device = torch.device(device)
 
     def build():
-        model = _load_backbone(base.path, device)  # a fresh copy of the base weights, never the caller's module
+        model = copy.deepcopy(base)
         model.seen_domains, model.key = frozenset(indices), key
         model.info = {**model.info, "oracle_of": base.key, "held_out_out_split": [dataset.domains[e] for e in test_envs],
                       "train_config": tune.to_json()}

@@ -50,7 +50,7 @@ class GenerativeAlgorithm(ERM):
     def backbone(self, context, oracle: bool | None = None) -> Backbone:
         """The run's diffusion backbone (trained on the training domains' in-splits once, then cached)."""
         oracle = self.ORACLE if oracle is None else oracle
-        cached = getattr(self, "_backbones", {})
+        cached = self.__dict__.setdefault("_backbones", {})  # one dict: the oracle's build fills the base's entry
         if oracle not in cached:
             hp, args = self.hparams, context.args
             common = dict(dataset=context.dataset, train_envs=context.train_envs, test_envs=context.test_envs,
@@ -64,7 +64,6 @@ class GenerativeAlgorithm(ERM):
             else:
                 cached[oracle] = build_backbone(hp["diffusion_backbone"], **common, oracle=oracle,
                                                 few_shot_target=self.few_shot_target())
-            self._backbones = cached
         return cached[oracle]
 
     def few_shot_target(self) -> int:

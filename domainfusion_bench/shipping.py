@@ -1,7 +1,7 @@
 """Make the models shipped with the package (``domainfusion_bench/shipped_models``), from a trained model.
 
     python -m domainfusion_bench.shipping ddpm <snapshot folder> --dataset DigitStyles --test_envs 2 --steps N
-    python -m domainfusion_bench.shipping oracle --dataset DigitStyles --test_envs 2
+    python -m domainfusion_bench.shipping judge --dataset DigitStyles --test_envs 2
     python -m domainfusion_bench.shipping oracle-ddpm --dataset DigitStyles --test_envs 2 --trial_seed 0
 
 A shipped model has the key of the model that ``dfbench diffusion train`` (or a run) would train with the same
@@ -72,28 +72,27 @@ def ship_ddpm(snapshot: Path, dataset, test_envs: Sequence[int], steps: int, *, 
     return dest
 
 
-def ship_oracle(dataset, test_envs: Sequence[int], *, dest_root: Path = SHIPPED_DIR, trial_seed: int = 0,
+def ship_judge(dataset, test_envs: Sequence[int], *, dest_root: Path = SHIPPED_DIR, trial_seed: int = 0,
                 holdout_fraction: float = HOLDOUT_FRACTION, resolution: int | None = None, hparams: dict | None = None) -> Path:
-    """Train the validity oracle a run with default hyperparameters would train, and ship it."""
-    from domainfusion_bench.algorithms.validity import oracle_classifier
+    """Train the validity judge a run with default hyperparameters would train, and ship it."""
+    from domainfusion_bench.algorithms.validity import JUDGE_KIND, judge_hparams, validity_judge
     from domainfusion_bench.hparams import HParamSpace
-    from domainfusion_bench.algorithms.validity import oracle_hparams
 
     space = HParamSpace()
-    oracle_hparams(space)
+    judge_hparams(space)
     hp = {**space.defaults(), **(hparams or {})}
     train_envs = _train_envs(dataset, test_envs)
     resolution = resolution or default_config(dataset).model.resolution
     store = ModelStore(Path(tempfile.mkdtemp()), shipped=None)
     context = SimpleNamespace(dataset=dataset, train_envs=train_envs, args=SimpleNamespace(trial_seed=trial_seed, holdout_fraction=holdout_fraction),
-                              models=store, costs=None, made_by="dfbench shipped oracle_classifier", device="cpu",
+                              models=store, costs=None, made_by=f"dfbench shipped {JUDGE_KIND}", device="cpu",
                               heartbeat=lambda: None)
-    entry = oracle_classifier(context, resolution, hp, charge=False)
-    command = (f"DFBENCH_NO_SHIPPED=1 python -m domainfusion_bench.shipping oracle --dataset {dataset.name} "
-               f"--test_envs {' '.join(map(str, test_envs))}  (trains it as a run does: oracle_classifier)")
+    entry = validity_judge(context, resolution, hp, charge=False)
+    command = (f"DFBENCH_NO_SHIPPED=1 python -m domainfusion_bench.shipping judge --dataset {dataset.name} "
+               f"--test_envs {' '.join(map(str, test_envs))}  (trains it as a run does: {JUDGE_KIND})")
     card_info = dict(entry.info, config=entry.meta["identity"]["config"], train_seconds=entry.train_seconds)
-    card_text = model_card(dataset, "oracle_classifier", entry.key, train_envs, test_envs, command, card_info, False)
-    dest = write_shipped(entry.path, dest_root, kind="oracle_classifier", key=entry.key, identity=entry.meta["identity"],
+    card_text = model_card(dataset, JUDGE_KIND, entry.key, train_envs, test_envs, command, card_info, False)
+    dest = write_shipped(entry.path, dest_root, kind=JUDGE_KIND, key=entry.key, identity=entry.meta["identity"],
                          dataset=dataset, seen_envs=train_envs, train_seconds=entry.train_seconds, command=command,
                          info=entry.info, card_text=card_text)
     (dest / "MODEL_CARD.md").write_text(card_text + _checksums(dest))
@@ -163,7 +162,7 @@ def main(argv=None) -> None:
     from domainfusion_bench.paths import DEFAULT_DATA_DIR
 
     p = argparse.ArgumentParser(prog="python -m domainfusion_bench.shipping")
-    p.add_argument("what", choices=["ddpm", "oracle", "oracle-ddpm"])
+    p.add_argument("what", choices=["ddpm", "judge", "oracle-ddpm"])
     p.add_argument("snapshot", nargs="?", help="ddpm: the saved model folder (a snapshot of train_pixel_ddpm)")
     p.add_argument("--dataset", required=True)
     p.add_argument("--test_envs", type=int, nargs="+", required=True)
@@ -183,7 +182,7 @@ def main(argv=None) -> None:
         print(ship_oracle_ddpm(dataset, ns.test_envs, trial_seed=ns.trial_seed,
                                store_dir=Path(ns.store_dir) if ns.store_dir else None))
     else:
-        print(ship_oracle(dataset, ns.test_envs))
+        print(ship_judge(dataset, ns.test_envs))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from domainfusion_bench.training import TrainArgs, train
 # 3 DDPM steps, 12 sources per domain, img2img over 2 DDIM steps: seconds on a CPU, the whole path still runs
 SOURCES = 12
 FAST = {"batch_size": 16, "cnn_width": 16, "ddpm_steps": 3, "cdga_strength": 0.2, "cdga_max_sources": SOURCES,
-        "og_oracle_steps": 5}
+        "og_judge_steps": 5}
 
 
 def read(run_dir):
@@ -85,7 +85,7 @@ def test_synthetic_images_are_in_the_training_batches(tmp_path, monkeypatch):
     assert 0.3 < hits < 0.7  # cdga_synthetic_fraction 0.5 of every draw is a generated image
     strips = runfiles.read_previews(tmp_path / "run")  # one strip per training domain, with what it is
     assert len(strips) == 3 and {s["kind"] for s in strips} == {"img2img"} and all(s["sources_file"] for s in strips)
-    assert all(s["valid"] is not None and len(s["valid"]) == s["n"] for s in strips)  # judged by the oracle
+    assert all(s["valid"] is not None and len(s["valid"]) == s["n"] for s in strips)  # judged by the validity judge
     from domainfusion_bench.report import preview_gallery
 
     gallery = preview_gallery(tmp_path)  # the HTML leaderboard's "Generated images" section
@@ -103,7 +103,7 @@ def test_cdga_generates_trains_and_records_its_cost(cdga_runs):
     assert last["cost_generation_seconds"] > 0 and last["cost_diffusion_train_seconds"] > 0
     assert last["cost_reused_generated_images"] == 0 and "cost_reused_diffusion_train_seconds" not in last
     assert 0 <= last["env0_in_acc"] <= 1
-    assert 0 <= last["metric_invalid_rate"] <= 1 and "metric_oracle_val_acc" in last  # every generation is judged
+    assert 0 <= last["metric_invalid_rate"] <= 1 and "metric_judge_val_acc" in last  # every generation is judged
 
 
 def test_a_killed_cdga_run_resumes_without_regenerating_or_retraining(cdga_runs):

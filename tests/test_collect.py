@@ -228,3 +228,13 @@ def test_reading_with_worker_processes_gives_the_same_collection(tmp_path):
         assert (many.runs, many.skipped_by_file, many.domains, many.duplicate_runs) == \
             (one.runs, one.skipped_by_file, one.domains, one.duplicate_runs)
     assert one.runs > 10 and one.skipped_by_file == {"zz-broken": 1}
+
+
+def test_records_from_before_the_judge_was_renamed_are_read_under_its_new_name(tmp_path):
+    old = [record("D", "CDGA", [0], 0, 0, 0, env0_out_acc=0.5, metric_oracle_val_acc=0.9, cost_og_oracle_seconds=2.0)]
+    new = [record("D", "CDGA", [0], 0, 1, 0, env0_out_acc=0.5, metric_judge_val_acc=0.8, cost_og_judge_seconds=3.0)]
+    write_run(tmp_path, "old", old)
+    write_run(tmp_path, "new", new)
+    df = load_records(tmp_path).records.sort_values("trial_seed")
+    assert df["metric_judge_val_acc"].tolist() == [0.9, 0.8] and df["cost_og_judge_seconds"].tolist() == [2.0, 3.0]
+    assert not [c for c in df.columns if "oracle" in c]

@@ -65,21 +65,21 @@ def test_trial_seeds_below_shared_trials_reuse_one_cached_ddpm(tmp_path):
 def test_helper_models_are_shared_like_the_ddpm_and_scored_on_every_shared_out_split(tmp_path):
     from types import SimpleNamespace
 
-    from domainfusion_bench.algorithms.validity import oracle_classifier
+    from domainfusion_bench.algorithms.validity import validity_judge
     from domainfusion_bench.diffusion.store import ModelStore
     from domainfusion_bench.diffusion.trainer import held_out_indices, shared_identity
 
     assert shared_identity(2) == (0, "shared:0-2") and shared_identity(3) == (3, "trial:3")
     store = ModelStore(tmp_path)
-    hp = {"og_oracle_width": 4, "og_oracle_steps": 2, "og_oracle_lr": 1e-3}
+    hp = {"og_judge_width": 4, "og_judge_steps": 2, "og_judge_lr": 1e-3}
 
-    def oracle(trial):
+    def judge(trial):
         context = SimpleNamespace(dataset=Toy(), train_envs=[0, 1, 2], models=store, costs=None, device="cpu",
                                   made_by=f"trial-{trial}", heartbeat=lambda: None,
                                   args=SimpleNamespace(trial_seed=trial, holdout_fraction=0.2))
-        return oracle_classifier(context, 16, hp)
+        return validity_judge(context, 16, hp)
 
-    first, second, later = oracle(0), oracle(2), oracle(3)
+    first, second, later = judge(0), judge(2), judge(3)
     assert not first.reused and second.reused and second.key == first.key and later.key != first.key
     assert first.info["n_train"] == sum(len(training_indices(30, e, 0, 0.2, 3)) for e in range(3))
     union = [set().union(*(split_indices(30, s, e, 0.2)[0] for s in range(3))) for e in range(3)]
@@ -87,25 +87,25 @@ def test_helper_models_are_shared_like_the_ddpm_and_scored_on_every_shared_out_s
     assert first.info["n_val"] == sum(map(len, union)) and later.info["n_val"] == 3 * 6
 
 
-def test_a_run_that_finds_the_ddpm_in_training_trains_the_oracle_meanwhile(tmp_path, monkeypatch):
+def test_a_run_that_finds_the_ddpm_in_training_trains_the_judge_meanwhile(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from domainfusion_bench.algorithms import ALGORITHMS, algorithm_space
     from domainfusion_bench.diffusion.store import ModelStore
 
     store = ModelStore(tmp_path)
-    hp = {**algorithm_space("CDGA", Toy).defaults(), "og_oracle_steps": 2, "og_oracle_width": 4}
+    hp = {**algorithm_space("CDGA", Toy).defaults(), "og_judge_steps": 2, "og_judge_width": 4}
     algo = ALGORITHMS.get("CDGA")(Toy.input_shape, 3, 3, hp)
     context = SimpleNamespace(dataset=Toy(), train_envs=[0, 1, 2], test_envs=[3], models=store, costs=None,
                               device="cpu", made_by="run", heartbeat=lambda: None,
                               args=SimpleNamespace(trial_seed=0, holdout_fraction=0.2))
-    oracles = lambda: list((tmp_path / "oracle_classifier").glob("*/meta.json"))  # noqa: E731
+    judges = lambda: list((tmp_path / "validity_judge").glob("*/meta.json"))  # noqa: E731
     monkeypatch.setattr(store, "training_elsewhere", lambda kind: False)
     algo.while_the_ddpm_trains(context)
-    assert not oracles()  # nobody is training the DDPM: this run trains it first, as before
+    assert not judges()  # nobody is training the DDPM: this run trains it first, as before
     monkeypatch.setattr(store, "training_elsewhere", lambda kind: kind == "pixel_ddpm")
     algo.while_the_ddpm_trains(context)
-    assert len(oracles()) == 1
+    assert len(judges()) == 1
     algo.hparams["og_measure"] = False
-    monkeypatch.setattr(store, "path_of", lambda *a: pytest.fail("no oracle without og_measure"))
+    monkeypatch.setattr(store, "path_of", lambda *a: pytest.fail("no judge without og_measure"))
     algo.while_the_ddpm_trains(context)

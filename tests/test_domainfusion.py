@@ -258,7 +258,7 @@ def test_style_network_is_a_frozen_copy_of_the_featurizer_when_no_imagenet_weigh
 # 3 DDPM steps, img2img over 2 DDIM steps, 8 pool images per domain, batch 16 (22.5 steps per epoch):
 # a refresh every 3 steps
 POOL = 0.02
-FAST = {"batch_size": 16, "cnn_width": 16, "ddpm_steps": 3, "og_oracle_steps": 20, "df_strength": 0.2, "df_pool_fraction": POOL,
+FAST = {"batch_size": 16, "cnn_width": 16, "ddpm_steps": 3, "og_judge_steps": 20, "df_strength": 0.2, "df_pool_fraction": POOL,
         "df_refresh_epochs": 0.13, "df_candidates": 2, "df_synthetic_fraction": 0.25}
 STEPS, FREQ = 9, 4
 

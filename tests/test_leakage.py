@@ -5,7 +5,7 @@ import torch
 
 from domainfusion_bench.diffusion import DDIMSampler, GenerationCache, LeakageGuard, Request, SamplerConfig
 from domainfusion_bench.diffusion.cache import MANIFEST
-from domainfusion_bench.diffusion.tiny import oracle_backbone
+from domainfusion_bench.diffusion.tiny import exact_backbone
 from domainfusion_bench.errors import DfbenchError
 
 PACS = ["art_painting", "cartoon", "photo", "sketch"]
@@ -32,7 +32,7 @@ def test_prompts_naming_a_held_out_domain_are_refused():
 
 
 def test_backbone_and_cache_refuse_held_out_prompts_before_generating(tmp_path):
-    backbone = oracle_backbone(None).restrict([3])
+    backbone = exact_backbone(None).restrict([3])
     with pytest.raises(DfbenchError, match="a prompt names held-out domain 'sketch'"):
         backbone.condition(prompts=["a dog", "a pencil sketch"])
     sampler = DDIMSampler(backbone, SamplerConfig(steps=2))
@@ -64,7 +64,7 @@ def test_few_shot_target_allows_k_unlabelled_images_and_nothing_else():
         guard.check_condition(torch.eye(4)[[3]])
     with pytest.raises(DfbenchError, match="few_shot_target must be >= 0"):
         LeakageGuard("PACS", PACS, held_out=[3], few_shot_target=-1)
-    backbone = oracle_backbone(None).restrict([3], few_shot_target=2)
+    backbone = exact_backbone(None).restrict([3], few_shot_target=2)
     assert backbone.guard.few_shot_target == 2
     with pytest.raises(DfbenchError, match="generate from images of"):
         DDIMSampler(backbone, SamplerConfig(steps=2)).img2img(torch.rand(1, 3, 8, 8), backbone.condition(batch=1), 0.5,

@@ -1,8 +1,8 @@
 """Oracle-assisted guidance on a 2-D toy whose base model is exact.
 
 The base model is a 3x3 Gaussian mixture with its analytic score as the denoiser (a ``Backbone``
-subclass, so sampling goes through the project's DDIMSampler / guided_eps path); the oracle rejects
-the horizontal band |x_2| < 0.25, which cuts through the middle row of modes: about 31 % of base
+subclass, so sampling goes through the project's DDIMSampler / guided_eps path); the validity judge
+rejects the horizontal band |x_2| < 0.25, which cuts through the middle row of modes: about 31 % of base
 samples are invalid. The target of guidance is the mixture restricted to the valid region, which we
 can sample exactly by rejection, so guided samples are also compared to it (energy distance).
 """
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from domainfusion_bench.diffusion.oracle_guidance import (
-    ClassifierOracle,
+    ClassifierJudge,
     ClassifierTrainConfig,
     DistillConfig,
     PointValidityClassifier,
@@ -50,7 +50,7 @@ class MixtureBackbone(GaussianMixtureBackbone):
         while sum(len(o) for o in out) < n:
             k = torch.randint(0, len(self.means), (4 * n,), generator=g)
             x = self.means[k] + self.std * torch.randn(4 * n, 2, generator=g)
-            out.append(x[oracle(x, None)])
+            out.append(x[judge(x, None)])
         return torch.cat(out)[:n]
 
 
@@ -76,7 +76,7 @@ class ExactValidity(ValidityClassifier):
         return p.log() - (-p).log1p()
 
 
-def oracle(x, labels):
+def judge(x, labels):
     return x[:, 1].abs() >= BAND
 
 
@@ -95,7 +95,7 @@ def energy_distance(a, b):
 
 def guided_samples(backbone, terms, n=1500, salt=99):
     x, _ = make_draw(backbone, n, salt)(terms, "eval")
-    return x, oracle(x, None)
+    return x, judge(x, None)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def backbone():
 @pytest.fixture(scope="module")
 def rounds(backbone):
     torch.manual_seed(0)
-    return run_rounds(make_draw(backbone), oracle, backbone.encode, lambda k: PointValidityClassifier(), rounds=2,
+    return run_rounds(make_draw(backbone), judge, backbone.encode, lambda k: PointValidityClassifier(), rounds=2,
                       weight=1.0, alphas_cumprod=backbone.alphas_cumprod, train_config=TRAIN, distill=True,
                       distill_config=DistillConfig(steps=600, lr=5e-3))
 
@@ -147,7 +147,7 @@ def test_time_independent_classifier_does_worse(backbone, rounds):
     """The paper's finding: a plain classifier C(x_0), trained on clean samples and applied at x_t, guides
     worse than the time-conditioned C(x_t, t) trained on the same draw (round 1's, drawn again: same seeds)."""
     x0, _ = make_draw(backbone)([], "base")
-    valid = oracle(x0, None)
+    valid = judge(x0, None)
     assert invalid_rate(valid) == pytest.approx(rounds.rates()["base"])
     plain = PointValidityClassifier(time_conditioned=False)
     train_validity_classifier(plain, x0, valid, None, backbone.alphas_cumprod,
@@ -185,12 +185,12 @@ def test_image_classifier_shapes_and_class_column():
     assert torch.allclose(blind(x, 0), blind(x, 999))
 
 
-def test_oracle_rule_and_errors():
+def test_judge_rule_and_errors():
     logits = torch.tensor([[4.0, 0.0], [0.0, 0.0], [0.0, 4.0]])
-    oracle_ = ClassifierOracle(lambda x: x, threshold=0.6)
-    assert oracle_(logits, torch.tensor([0, 0, 0])).tolist() == [True, False, False]
+    judge_ = ClassifierJudge(lambda x: x, threshold=0.6)
+    assert judge_(logits, torch.tensor([0, 0, 0])).tolist() == [True, False, False]
     with pytest.raises(DfbenchError, match="threshold"):
-        ClassifierOracle(lambda x: x, threshold=1.0)
+        ClassifierJudge(lambda x: x, threshold=1.0)
     with pytest.raises(DfbenchError, match="valid and invalid"):
         train_validity_classifier(PointValidityClassifier(), torch.zeros(4, 2), torch.ones(4, dtype=torch.bool), None,
                                   torch.linspace(0.99, 0.01, 1000))
@@ -203,7 +203,7 @@ def test_oracle_rule_and_errors():
 # a 3-step DDPM generates poorly on purpose (many invalid images for guidance to fix, seconds on a CPU); the
 # low threshold leaves some valid by chance, so each round has both labels to learn from
 DIGITS = {"batch_size": 8, "cnn_width": 16, "ddpm_steps": 3, "sample_steps": 10, "cdga_strength": 0.5,
-          "cdga_max_sources": 12, "og_samples_per_round": 64, "og_classifier_steps": 100, "og_oracle_steps": 400,
+          "cdga_max_sources": 12, "og_samples_per_round": 64, "og_classifier_steps": 100, "og_judge_steps": 400,
           "og_threshold": 0.2}
 
 
@@ -246,7 +246,7 @@ def test_cdga_og_previews_the_same_sources_unguided_and_per_round(digit_runs):
     for group in groups.values():
         assert [s["og"] for s in group] == ["unguided", "round1", "round2", "distilled"]
         assert len({s["sources_file"] for s in group}) == 1 and all(s["kind"] == "img2img" for s in group)
-        assert all(len(s["valid"]) == s["n"] for s in group)  # each image judged by the oracle
+        assert all(len(s["valid"]) == s["n"] for s in group)  # each image judged by the validity judge
         folder = digit_runs["dirs"]["guided"] / runfiles.PREVIEWS
         pixels = {s["og"]: Image.open(folder / s["file"]).tobytes() for s in group}
         assert pixels["unguided"] != pixels["distilled"]  # guidance changed the images
@@ -258,7 +258,7 @@ def test_cdga_og_records_invalid_rates_per_round_and_costs(digit_runs):
     unguided, guided = digit_runs["unguided"], digit_runs["guided"]
     for record in (unguided, guided):
         assert 0 <= record["metric_invalid_rate"] <= 1
-        assert record["metric_oracle_val_acc"] > 0.3  # well above chance (0.1) on real out-split digits
+        assert record["metric_judge_val_acc"] > 0.3  # well above chance (0.1) on real out-split digits
     assert "metric_invalid_rate_base" not in unguided  # no rounds without guidance
     rates = {k[len("metric_invalid_rate_"):]: v for k, v in guided.items() if k.startswith("metric_invalid_rate_")}
     assert set(rates) == {"base", "round1", "round2", "distilled"}, rates
@@ -303,30 +303,30 @@ def test_alpha_reaches_the_classifiers_loss(valid_share):
 
 
 def test_counterfactual_pairs_judge_every_class_of_every_image():
-    """N images x K classes, each pair judged by the oracle for that class (not the image's intended one)."""
+    """N images x K classes, each pair judged by the validity judge for that class (not the image's intended one)."""
     from domainfusion_bench.diffusion.oracle_guidance.rounds import counterfactual_pairs
 
     true = torch.tensor([2, 0, 1])
     images = true.float().view(3, 1, 1, 1).expand(3, 1, 2, 2).clone()  # an image "shows" its value
 
-    def oracle(x, y):
+    def judge(x, y):
         return x.flatten(1)[:, 0].long() == y
 
-    x0, classes, valid = counterfactual_pairs(images, images * 10, torch.tensor([2, 2, 2]), oracle, 3)
+    x0, classes, valid = counterfactual_pairs(images, images * 10, torch.tensor([2, 2, 2]), judge, 3)
     assert len(x0) == len(classes) == len(valid) == 9
     assert int(valid.sum()) == 3  # one valid class per image, whatever the intended label said
     for i in range(9):
         assert bool(valid[i]) == (int(x0[i].flatten()[0] / 10) == int(classes[i]))
 
 
-def test_a_warm_started_classifier_is_the_oracle_at_every_t_before_training():
-    """Zero-initialised time embeddings and the oracle's head: C's class logits equal the oracle's on clean
+def test_a_warm_started_classifier_is_the_judge_at_every_t_before_training():
+    """Zero-initialised time embeddings and the judge's head: C's class logits equal the judge's on clean
     [0, 1] images fed as [-1, 1] (the pixel denoiser's space), at any t; the extra "no class" logit is 0."""
-    from domainfusion_bench.algorithms.validity import OracleNet
+    from domainfusion_bench.algorithms.validity import JudgeNet
     from domainfusion_bench.diffusion.oracle_guidance import WarmStartValidityClassifier
 
     torch.manual_seed(0)
-    net = OracleNet(3, 4, width=8).eval()
+    net = JudgeNet(3, 4, width=8).eval()
     c = WarmStartValidityClassifier(net.body, net.head, 4, num_train_timesteps=1000).eval()
     assert len(c.embs) == 5  # one time embedding per conv stage
     x = torch.rand(5, 3, 16, 16)

@@ -38,10 +38,10 @@ def algorithms(n):
 
 
 # the cost columns a demo sweep records (the cost table that used to run off the page)
-DEMO_COSTS = ["cost_diffusion_train_seconds", "cost_reused_diffusion_train_seconds", "cost_og_oracle_seconds",
+DEMO_COSTS = ["cost_diffusion_train_seconds", "cost_reused_diffusion_train_seconds", "cost_og_judge_seconds",
               "cost_og_samples_drawn", "cost_og_guidance_evals", "cost_og_round_classifier_train_seconds",
               "cost_og_distilled_classifier_train_seconds", "cost_reused_generated_images", "cost_reused_nfe",
-              "cost_reused_generation_seconds", "cost_guidance_evals", "cost_oracle_classifier_train_seconds"]
+              "cost_reused_generation_seconds", "cost_guidance_evals", "cost_validity_judge_train_seconds"]
 
 
 def with_demo_costs(root: Path) -> None:

@@ -1,6 +1,6 @@
 """Samplers and the numerics under them, checked against analytic models and diffusers itself.
 
-The "oracle" backbone (diffusion/tiny.py) is the exact denoiser of a one-image dataset, so its noise
+The exact backbone (diffusion/tiny.py) is the exact denoiser of a one-image dataset, so its noise
 prediction on a noised sample is the true noise and DDIM from it must end exactly at that image.
 """
 
@@ -24,7 +24,7 @@ from domainfusion_bench.diffusion import (
     StableDiffusionBackbone,
     guided_eps,
 )
-from domainfusion_bench.diffusion.tiny import oracle_backbone, tiny_components
+from domainfusion_bench.diffusion.tiny import exact_backbone, tiny_components
 
 TINY = PixelDDPMConfig(resolution=16, patch_size=2, block_out_channels=(8, 16), norm_num_groups=4)
 DOMAINS = ["art_painting", "cartoon", "photo", "sketch"]
@@ -85,7 +85,7 @@ def pull_toward(point: float, weight: float = 1.0):
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_eps_is_the_true_noise_whatever_the_model_predicts(prediction):
     target = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(1)) * 1.6 - 0.8
-    backbone = oracle_backbone(target, prediction)
+    backbone = exact_backbone(target, prediction)
     noise = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     t = torch.tensor([0, 10, 500, 999])
     z_t = backbone.add_noise(target.expand(4, -1, -1, -1), noise, t)
@@ -99,10 +99,10 @@ def test_eps_is_the_true_noise_whatever_the_model_predicts(prediction):
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_from_the_oracle_ends_exactly_at_its_image(prediction, eta):
+def test_ddim_from_the_exact_denoiser_ends_exactly_at_its_image(prediction, eta):
     """The last step lands on alpha-bar 1 (t = 0): the result is the clean prediction, not x0 re-noised."""
     target = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(1)) * 1.6 - 0.8
-    backbone = oracle_backbone(target, prediction)
+    backbone = exact_backbone(target, prediction)
     sampler = DDIMSampler(backbone, SamplerConfig(steps=5, eta=eta))
     out = sampler.sample(backbone.condition(batch=3), [1, 2, 3])
     torch.testing.assert_close(out.latents, target.expand(3, -1, -1, -1), atol=1e-4, rtol=0)
@@ -182,7 +182,7 @@ def test_img2img_equals_diffusers_img2img_pipeline(guidance_scale):
 def test_a_guidance_term_moves_samples_its_way_and_is_counted(prediction):
     """On N(0, I) data, a pull toward the point p (log g = -|z - p|^2 / 2) moves every sample toward p
     (the tilted distribution's mean is p / 2); a pull the other way moves it the other way."""
-    backbone = oracle_backbone(None, prediction)
+    backbone = exact_backbone(None, prediction)
     cond = backbone.condition(batch=4)
     seeds = [1, 2, 3, 4]
     base = DDIMSampler(backbone, SamplerConfig(steps=5)).sample(cond, seeds)

@@ -128,14 +128,14 @@ def test_demo_pixel_ddpm_is_shipped_under_the_key_runs_ask_for(tmp_path):
         train_pixel_ddpm(ds, [0, 1, 3], [1], store=store, progress=False)
 
 
-def test_demo_oracle_is_shipped_under_the_key_runs_ask_for(tmp_path):
+def test_demo_judge_is_shipped_under_the_key_runs_ask_for(tmp_path):
     from types import SimpleNamespace
 
-    from domainfusion_bench.algorithms.validity import oracle_classifier, oracle_hparams
+    from domainfusion_bench.algorithms.validity import validity_judge, judge_hparams
     from domainfusion_bench.hparams import HParamSpace
 
     space = HParamSpace()
-    oracle_hparams(space)
+    judge_hparams(space)
     ds = _digitstyles()
     store = ModelStore(tmp_path, shipped=SHIPPED_DIR)
     calls = []
@@ -147,7 +147,7 @@ def test_demo_oracle_is_shipped_under_the_key_runs_ask_for(tmp_path):
     store.get_or_train = no_training
     context = SimpleNamespace(dataset=ds, train_envs=[0, 1, 3], args=SimpleNamespace(trial_seed=2, holdout_fraction=0.2),
                               models=store, costs=CostMeter(), made_by="test", device="cpu", heartbeat=lambda: None)
-    entry = oracle_classifier(context, 32, space.defaults(), guard=LeakageGuard(ds.name, ds.domains, [2]))
+    entry = validity_judge(context, 32, space.defaults(), guard=LeakageGuard(ds.name, ds.domains, [2]))
     assert calls == [] and entry.reused and entry.path.is_relative_to(SHIPPED_DIR)
     assert entry.info["val_acc"] >= 0.95
 

@@ -82,7 +82,7 @@ def test_training_elsewhere_sees_a_model_lock_held_by_another_process(tmp_path):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert store.training_elsewhere("pixel_ddpm") and not store.training_elsewhere("oracle_classifier")
+        assert store.training_elsewhere("pixel_ddpm") and not store.training_elsewhere("validity_judge")
     finally:
         holder.kill()
         holder.wait()

@@ -185,7 +185,7 @@ def test_regularised_training_runs_and_reports_each_term():
 # ------------------------------------------------------------------------------------------------
 
 
-TINY = {"batch_size": 16, "cnn_width": 16, "ddpm_steps": 3, "og_oracle_steps": 20, "sample_steps": 2, "tgdp_per_class": 1, "tgdp_mixes": 1,
+TINY = {"batch_size": 16, "cnn_width": 16, "ddpm_steps": 3, "og_judge_steps": 20, "sample_steps": 2, "tgdp_per_class": 1, "tgdp_mixes": 1,
         "tgdp_classifier_steps": 5, "tgdp_h_steps": 5, "tgdp_width": 8, "tgdp_helper_batch_size": 16, "tgdp_probe": 1}
 HELD_OUT = 0
 

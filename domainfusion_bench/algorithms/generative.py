@@ -17,7 +17,7 @@ import torch
 
 from domainfusion_bench.algorithms.erm import ERM
 from domainfusion_bench.algorithms.previews import PREVIEW_IMAGES, PreviewStrip, keep_preview
-from domainfusion_bench.algorithms.validity import judge_generation, oracle_classifier, oracle_hparams
+from domainfusion_bench.algorithms.validity import judge_generation, validity_judge, judge_hparams
 from domainfusion_bench.diffusion import DDIMSampler, LeakageGuard, SamplerConfig, build_backbone
 from domainfusion_bench.diffusion.factory import oracle_pixel_ddpm
 from domainfusion_bench.diffusion.oracle_ddpm import ORACLE_STEPS
@@ -34,7 +34,7 @@ class GenerativeAlgorithm(ERM):
     GENERATIVE = True
     ORACLE = False  # may condition on held-out domains (oracle rows only, e.g. CDGA*)
     FEW_SHOT_TARGET = 0  # >0: the labelled few-shot-target track (not DG) may use that many unlabelled held-out images
-    SMOKE_HPARAMS = {"ddpm_steps": 2, "sample_steps": 2, "og_oracle_steps": 5}
+    SMOKE_HPARAMS = {"ddpm_steps": 2, "sample_steps": 2, "og_judge_steps": 5}
 
     @classmethod
     def hparam_space(cls, space, dataset):
@@ -42,7 +42,7 @@ class GenerativeAlgorithm(ERM):
         space.add("diffusion_backbone", "pixel_ddpm")  # pixel_ddpm | sd:<folder or hub id> | sd:tiny
         space.add("ddpm_steps", DEFAULT_STEPS)  # training steps of the shared pixel DDPM (cached per training domains)
         space.add("sample_steps", 10)  # DDIM steps of a full trajectory (img2img runs strength x this)
-        oracle_hparams(space)  # og_measure: every generation judged by the validity oracle
+        judge_hparams(space)  # og_measure: every generation judged by the validity judge
         if cls.ORACLE:  # fine-tuning steps of the oracle DDPM (diffusion/oracle_ddpm.py; pixel DDPM only)
             space.add("oracle_ddpm_steps", ORACLE_STEPS)
 
@@ -121,13 +121,13 @@ class GenerativeAlgorithm(ERM):
 
     def while_the_ddpm_trains(self, context: Any) -> None:
         """When another run is training the shared pixel DDPM, train the helper model that does not need it
-        (the validity oracle) now, rather than wait for the DDPM and then for the oracle in turn: two runs
+        (the validity judge) now, rather than wait for the DDPM and then for the judge in turn: two runs
         that start together then train the two in parallel."""
         spec = str(self.hparams.get("diffusion_backbone", ""))
         if not self.hparams.get("og_measure") or spec != "pixel_ddpm" or not context.models.training_elsewhere("pixel_ddpm"):
             return
         ds = context.dataset
-        oracle_classifier(context, default_config(ds).model.resolution, self.hparams,  # charged when it is used
+        validity_judge(context, default_config(ds).model.resolution, self.hparams,  # charged when it is used
                           guard=LeakageGuard(ds.name, ds.domains, context.test_envs), charge=False)
 
     def generate(self, context: Any):

@@ -2,11 +2,11 @@
 
 ``OracleGuided`` is a mixin for ``GenerativeAlgorithm`` subclasses (``class CDGAOG(OracleGuided, CDGA)``):
 
-- the oracle is a small CNN trained on the real training-domain in-splits only (a cached helper model;
-  its accuracy on the training-domain out-splits is recorded as ``metric_oracle_val_acc``). A generated
-  image is invalid when the oracle's probability of its intended class is below ``og_threshold``.
+- the validity judge is a small CNN trained on the real training-domain in-splits only (a cached helper model;
+  its accuracy on the training-domain out-splits is recorded as ``metric_judge_val_acc``). A generated
+  image is invalid when the judge's probability of its intended class is below ``og_threshold``.
 - ``guidance_terms`` runs ``og_rounds`` rounds (``diffusion.oracle_guidance.run_rounds``): draw
-  ``og_samples_per_round`` images the way the method generates (``og_draw``), label them with the oracle,
+  ``og_samples_per_round`` images the way the method generates (``og_draw``), label them with the judge,
   train a time- and class-conditioned validity classifier C_k(z_t, t, y) with the class-prior-weighted
   BCE, stack. With ``og_distill`` the stack is distilled into one classifier; the method's generation is
   then guided by that one network (one extra evaluation per step) instead of the stack (K of them).
@@ -14,21 +14,21 @@
   The rounds record ``metric_invalid_rate_base``, ``_round1``.. and ``_distilled``.
 
 Every network is a cached helper model keyed by everything its training data depends on (backbone,
-the method's generation settings, the oracle, the previous rounds): a rerun draws and trains nothing.
-Costs: ``oracle_classifier_train_seconds``, ``og_round_classifier_train_seconds``,
+the method's generation settings, the judge, the previous rounds): a rerun draws and trains nothing.
+Costs: ``validity_judge_train_seconds``, ``og_round_classifier_train_seconds``,
 ``og_distilled_classifier_train_seconds`` (each also ``reused_...`` when cached), ``og_samples_drawn``
 (images drawn for labelling, also counted in ``generated_images``/``nfe``/``generation_seconds``) and
 ``og_guidance_evals`` (classifier gradient evaluations spent while drawing).
 
-Our choices (the paper is about trajectories, not images of a DG benchmark): the oracle is a classifier
+Our choices (the paper is about trajectories, not images of a DG benchmark): the judge is a classifier
 of the intended class (not a hand-written constraint); the validity classifier sees the denoiser's input
 z_t and the class y, so one network serves all classes; rounds draw with the method's own generation
 (CDGA: img2img from in-split sources toward other training domains), so C learns the failures of the
 samples that will be used. Three more, each a hyperparameter, because with a good generator a draw is
 ~97% valid and the paper's recipe as written then learns nothing (measured on DigitStyles: C = 0.98 for
 every image and class, |grad log C| ~ 1e-7, guided images equal to unguided ones to 1e-5 of a grey level):
-``og_counterfactual`` trains C on every (drawn image, class) pair the oracle judged, not only the intended
-class (many invalid pairs from one draw); ``og_classifier_init: oracle`` starts C from the oracle's
+``og_counterfactual`` trains C on every (drawn image, class) pair the judge labelled, not only the intended
+class (many invalid pairs from one draw); ``og_classifier_init: judge`` starts C from the judge's
 weights with a zero-initialised time embedding (from scratch, 150 steps stay at chance on the digits);
 the alpha-weighting is applied as C's fixed prior offset (``diffusion.oracle_guidance.training``); and
 ``og_weight`` is 100 (1 and 10 move nothing).
@@ -47,7 +47,7 @@ from domainfusion_bench.algorithms.domainfusion import DomainFusion
 from domainfusion_bench.algorithms.tgdp import TGDP
 from domainfusion_bench.diffusion.backbones import Backbone
 from domainfusion_bench.diffusion.oracle_guidance import (
-    ClassifierOracle,
+    ClassifierJudge,
     ClassifierTrainConfig,
     DistillConfig,
     ImageValidityClassifier,
@@ -58,7 +58,7 @@ from domainfusion_bench.diffusion.oracle_guidance import (
 from domainfusion_bench.diffusion.samplers import GuidanceTerm
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.protocol import seed_hash
-from domainfusion_bench.algorithms.validity import oracle_hparams, run_oracle
+from domainfusion_bench.algorithms.validity import judge_hparams, run_judge
 
 ROUND_KIND = "og_round_classifier"
 DISTILLED_KIND = "og_distilled_classifier"
@@ -66,21 +66,21 @@ DISTILLED_KIND = "og_distilled_classifier"
 
 def og_hparams(space) -> None:
     """The og_ hyperparameters of guidance (defaults sized for DigitStyles on one CPU core)."""
-    oracle_hparams(space)
-    space.add("og_rounds", 2)  # 0 = no guidance (the generation is still judged by the oracle)
+    judge_hparams(space)
+    space.add("og_rounds", 2)  # 0 = no guidance (the generation is still judged by the validity judge)
     # w in eps - sqrt(1-abar) w grad log C. Our choice, measured on DigitStyles (CDGA+OG, stencil held out, 2160
     # img2img images, 3.2% invalid unguided): w = 1 and 10 change nothing, 30 -> 2.6%, 100 -> 1.4% (an
-    # independently trained oracle: 3.2% -> 2.9% -> 2.3%, so most of the gain is not C gaming the judge)
+    # independently trained judge: 3.2% -> 2.9% -> 2.3%, so most of the gain is not C gaming the judge)
     space.add("og_weight", 100.0, lambda r: float(r.choice([30.0, 100.0, 300.0])))
     space.add("og_samples_per_round", 256)  # images drawn and labelled per round (and per measurement)
     space.add("og_distill", True)  # guide the generation with one distilled network instead of the stack
-    # train C on every (drawn image, class) pair the oracle judged, not only the intended class: our choice
-    # (the paper's oracle is a fixed constraint); without it a 97%-valid draw leaves C at its prior
+    # train C on every (drawn image, class) pair the judge labelled, not only the intended class: our choice
+    # (the paper's validity oracle is a fixed constraint); without it a 97%-valid draw leaves C at its prior
     space.add("og_counterfactual", True)
-    # oracle: each C starts as the validity oracle plus a zero-initialised time embedding (pixel backbones;
+    # judge: each C starts as the validity judge plus a zero-initialised time embedding (pixel backbones;
     # latent ones train from scratch). Our choice: from scratch, 150-300 steps on one draw stay at chance
     # on the digit classes, so C carries no gradient (DigitStyles, measured)
-    space.add("og_classifier_init", "oracle")
+    space.add("og_classifier_init", "judge")
     # guide only at t <= og_max_t (1000 = everywhere, the paper): above it C reads little of the image and its
     # gradient only pushes full trajectories off course (TGDP+OG, measured)
     space.add("og_max_t", 1000)
@@ -94,7 +94,7 @@ class OracleGuided:
     """Oracle-assisted guidance for a ``GenerativeAlgorithm``: put it first in the bases."""
 
     # small enough for the contract tests' few-step runs
-    OG_SMOKE_HPARAMS = {"og_rounds": 1, "og_samples_per_round": 16, "og_classifier_steps": 5, "og_oracle_steps": 5}
+    OG_SMOKE_HPARAMS = {"og_rounds": 1, "og_samples_per_round": 16, "og_classifier_steps": 5, "og_judge_steps": 5}
     # hparam prefixes that decide what the method generates (they key the cached round classifiers)
     OG_GENERATION_PREFIXES: tuple[str, ...] = ("diffusion_backbone", "ddpm_steps", "sample_steps", "og_")
 
@@ -103,9 +103,9 @@ class OracleGuided:
         super().hparam_space(space, dataset)
         og_hparams(space)
 
-    # --- the oracle -----------------------------------------------------------------------------
-    def og_oracle(self, context, backbone: Backbone) -> ClassifierOracle:
-        return run_oracle(self, context, backbone)
+    # --- the validity judge ---------------------------------------------------------------------
+    def og_judge(self, context, backbone: Backbone) -> ClassifierJudge:
+        return run_judge(self, context, backbone)
 
     # --- drawing samples to label -------------------------------------------------------------------
     def og_draw(self, context, backbone: Backbone, terms: Sequence[GuidanceTerm], round_name: str, n: int):
@@ -144,13 +144,13 @@ class OracleGuided:
 
     @staticmethod
     def _og_warm_start(hp, backbone: Backbone, ds) -> bool:
-        """Start each validity classifier from the validity oracle (``og_classifier_init: oracle``) where the
-        oracle reads the denoiser's own space: a pixel backbone at the oracle's resolution and channels."""
+        """Start each validity classifier from the validity judge (``og_classifier_init: judge``) where the
+        judge reads the denoiser's own space: a pixel backbone at the judge's resolution and channels."""
         init = str(hp["og_classifier_init"])
-        if init not in ("oracle", "scratch"):
-            raise DfbenchError(f"og_classifier_init must be 'oracle' or 'scratch', got {init!r}")
+        if init not in ("judge", "scratch"):
+            raise DfbenchError(f"og_classifier_init must be 'judge' or 'scratch', got {init!r}")
         pixel = tuple(backbone.latent_shape()) == (int(ds.input_shape[0]), backbone.resolution, backbone.resolution)
-        return init == "oracle" and backbone.kind == "pixel_ddpm" and pixel
+        return init == "judge" and backbone.kind == "pixel_ddpm" and pixel
 
     # --- the rounds ---------------------------------------------------------------------------------
     def og_result(self, context, backbone: Backbone) -> OracleGuidanceResult | None:
@@ -158,11 +158,11 @@ class OracleGuided:
         if cached is not None or int(self.hparams["og_rounds"]) <= 0:
             return cached
         hp, ds, args = self.hparams, context.dataset, context.args
-        oracle = self.og_oracle(context, backbone)
+        judge = self.og_judge(context, backbone)
         channels = int(backbone.latent_shape()[0])
         warm = self._og_warm_start(hp, backbone, ds)
         max_t = int(hp["og_max_t"]) if int(hp["og_max_t"]) < backbone.num_train_timesteps else None
-        cls_config = {"arch": "WarmStartValidityClassifier(oracle)" if warm else "ImageValidityClassifier",
+        cls_config = {"arch": "WarmStartValidityClassifier(judge)" if warm else "ImageValidityClassifier",
                       "prior": "offset", "width": int(hp["og_classifier_width"]), "channels": channels,
                       "num_classes": ds.num_classes}
         train_config = ClassifierTrainConfig(steps=int(hp["og_classifier_steps"]), lr=float(hp["og_classifier_lr"]),
@@ -171,13 +171,13 @@ class OracleGuided:
                                        batch_size=int(hp["og_classifier_batch_size"]), seed=args.trial_seed)
         generation = {k: v for k, v in sorted(hp.items()) if k.startswith(self.OG_GENERATION_PREFIXES)}
         base_identity = {"backbone": backbone.key, "method": type(self).registered_name, "generation": generation,
-                         "oracle": oracle.key, "classifier": cls_config, "train": train_config.to_json(),
+                         "judge": judge.key, "classifier": cls_config, "train": train_config.to_json(),
                          "distill": distill_config.to_json()}
         keys: list[str] = []  # store keys of the rounds so far: round k's data depends on them
 
         def new_classifier(k):
             if warm:
-                net = oracle.classifier
+                net = judge.classifier
                 c = WarmStartValidityClassifier(copy.deepcopy(net.body), copy.deepcopy(net.head), ds.num_classes,
                                                 num_train_timesteps=backbone.num_train_timesteps)
             else:
@@ -212,7 +212,7 @@ class OracleGuided:
 
         # classifiers train in float32; only the draws run in the run's precision
         result = run_rounds(
-            lambda terms, name: self._og_counted_draw(context, backbone, terms, name), oracle,
+            lambda terms, name: self._og_counted_draw(context, backbone, terms, name), judge,
             lambda images: backbone.encode(images.to(backbone.device)), new_classifier, int(hp["og_rounds"]),
             float(hp["og_weight"]), alphas_cumprod=backbone.alphas_cumprod, train_config=train_config,
             distill=bool(hp["og_distill"]), distill_config=distill_config, measure_last=False, cached=cached,
@@ -220,7 +220,7 @@ class OracleGuided:
             counterfactual=bool(hp["og_counterfactual"]))
         for name, rate in result.rates().items():
             context.metrics.set(f"invalid_rate_{name}", rate)
-        print(f"{type(self).registered_name}: oracle val acc {context.metrics.values.get('oracle_val_acc', float('nan')):.3f}; "
+        print(f"{type(self).registered_name}: judge val acc {context.metrics.values.get('judge_val_acc', float('nan')):.3f}; "
               "invalid rate " + ", ".join(f"{k} {v:.3f}" for k, v in result.rates().items()))
         self._og_result = result
         return result
@@ -269,7 +269,7 @@ class OracleGuided:
 
 @register_algorithm("CDGA+OG")
 class CDGAOG(OracleGuided, CDGA):
-    """CDGA whose img2img generations are guided away from images the oracle would reject."""
+    """CDGA whose img2img generations are guided away from images the judge would reject."""
 
     SMOKE_HPARAMS = {**CDGA.SMOKE_HPARAMS, **OracleGuided.OG_SMOKE_HPARAMS}
 
@@ -301,7 +301,7 @@ class CDGAOG(OracleGuided, CDGA):
 
 @register_algorithm("DomainFusion+OG")
 class DomainFusionOG(OracleGuided, DomainFusion):
-    """DomainFusion whose pool and refresh candidates are guided away from images the oracle would reject."""
+    """DomainFusion whose pool and refresh candidates are guided away from images the judge would reject."""
 
     SMOKE_HPARAMS = {**DomainFusion.SMOKE_HPARAMS, **OracleGuided.OG_SMOKE_HPARAMS}
     OG_GENERATION_PREFIXES = OracleGuided.OG_GENERATION_PREFIXES + ("df_",)
@@ -329,7 +329,7 @@ class DomainFusionOG(OracleGuided, DomainFusion):
 
 @register_algorithm("TGDP+OG")
 class TGDPOG(OracleGuided, TGDP):
-    """TGDP whose density-ratio-guided samples are also guided away from images the oracle would reject."""
+    """TGDP whose density-ratio-guided samples are also guided away from images the judge would reject."""
 
     SMOKE_HPARAMS = {**TGDP.SMOKE_HPARAMS, **OracleGuided.OG_SMOKE_HPARAMS}
     OG_GENERATION_PREFIXES = OracleGuided.OG_GENERATION_PREFIXES + ("tgdp_",)

@@ -1,6 +1,6 @@
 """What a generative method keeps of its generations for the run's ``previews/`` (and the HTML
 leaderboard): the first few images of a stage, with their sources, kind, guidance and the validity
-oracle's judgement, plus the same requests drawn again under other guidance where the method has
+judge's verdict, plus the same requests drawn again under other guidance where the method has
 variants (oracle-guided rows: unguided and per round, the same sources and seeds).
 
 ``keep_preview`` is a method of ``GenerativeAlgorithm``; generation stages call it once per batch they
@@ -41,10 +41,10 @@ def pick(requests: Sequence[Request], test_envs: Sequence[int], oracle: bool, n:
 def _judge(algorithm, context, images: torch.Tensor, labels: torch.Tensor) -> list[bool] | None:
     if not algorithm.hparams.get("og_measure") or not len(images):
         return None
-    from domainfusion_bench.algorithms.validity import run_oracle
+    from domainfusion_bench.algorithms.validity import run_judge
 
-    oracle = run_oracle(algorithm, context, algorithm.backbone(context))
-    return [bool(v) for v in oracle(images.float() / 255.0, labels)]
+    judge = run_judge(algorithm, context, algorithm.backbone(context))
+    return [bool(v) for v in judge(images.float() / 255.0, labels)]
 
 
 def _target_text(context, chosen: Sequence[Request]) -> str:

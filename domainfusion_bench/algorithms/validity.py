@@ -1,6 +1,6 @@
-"""The validity oracle every generative method is judged by: a small classifier trained on the real
+"""The validity judge every generative method is judged by: a small classifier trained on the real
 training-domain in-splits only (a cached helper model; its accuracy on the training-domain out-splits is
-``metric_oracle_val_acc``). A generated image is invalid when the oracle's probability of its intended class
+``metric_judge_val_acc``). A generated image is invalid when the judge's probability of its intended class
 is below ``og_threshold``; ``metric_invalid_rate`` is the invalid share of what a run generated for training.
 Oracle-assisted guidance (``oracle_guidance.py``) steers generation away from such images.
 """
@@ -16,30 +16,30 @@ from torch import nn
 
 from domainfusion_bench.diffusion.backbones import Backbone, resize
 from domainfusion_bench.diffusion.fitting import fit, tail_mean
-from domainfusion_bench.diffusion.oracle_guidance import ClassifierOracle, check_threshold
+from domainfusion_bench.diffusion.oracle_guidance import ClassifierJudge, check_threshold
 from domainfusion_bench.diffusion.trainer import SHARED_TRIALS, InSplitImages, held_out_indices, shared_identity
 from domainfusion_bench.errors import DfbenchError
 from domainfusion_bench.protocol import seed_hash
 
-ORACLE_KIND = "oracle_classifier"
+JUDGE_KIND = "validity_judge"
 
 
-def oracle_hparams(space) -> None:
-    """What every generative method shares: judging its generations with the validity oracle."""
+def judge_hparams(space) -> None:
+    """What every generative method shares: judging its generations with the validity judge."""
     space.add("og_measure", True)  # judge every generated image: metric_invalid_rate in the records
-    space.add("og_threshold", 0.5)  # valid iff p_oracle(intended class) >= threshold
-    space.add("og_oracle_width", 32)
+    space.add("og_threshold", 0.5)  # valid iff p_judge(intended class) >= threshold
+    space.add("og_judge_width", 32)
     # DigitStyles v2, stencil held out: 97.9% on the training domains' out-splits, 37 s on a busy CPU thread
-    # (the v1 oracle, width 16 without augmentation, 1500 steps: 68%); once per training domains and trial
-    space.add("og_oracle_steps", 1000)
-    space.add("og_oracle_lr", 3e-3)
+    # (the v1 judge, width 16 without augmentation, 1500 steps: 68%); once per training domains and trial
+    space.add("og_judge_steps", 1000)
+    space.add("og_judge_lr", 3e-3)
 
 
 # ------------------------------------------------------------------------------------------------
-# The oracle classifier
+# The validity judge
 # ------------------------------------------------------------------------------------------------
 
-class OracleNet(nn.Module):
+class JudgeNet(nn.Module):
     """A CNN on images in [0, 1]: 2x2 average pooling first (DigitStyles' digits are 8x8 drawings; the pooling
     also averages away the surfaces' grain), then five 3x3 conv layers with GroupNorm (widths w, w, 2w, 2w, 4w;
     the third and fifth stride 2), global average pooling, dropout, linear."""
@@ -62,7 +62,7 @@ class OracleNet(nn.Module):
 
 
 def augment(x: torch.Tensor, g: torch.Generator, shift: int = 2) -> torch.Tensor:
-    """The oracle's training augmentation, on a batch in [0, 1]: a random translation of up to ``shift`` pixels
+    """The judge's training augmentation, on a batch in [0, 1]: a random translation of up to ``shift`` pixels
     (edge pixels repeated), a random permutation of the colour channels, a random inversion (half the images)
     and a random contrast/brightness change. Classes survive all of them; the domains' colours do not matter."""
     b, c, h, w = x.shape
@@ -82,7 +82,7 @@ def augment(x: torch.Tensor, g: torch.Generator, shift: int = 2) -> torch.Tensor
     return ((x - mean) * contrast + mean + brightness).clamp(0, 1)
 
 
-def fit_oracle(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: dict[str, Any], g: torch.Generator,
+def fit_judge(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: dict[str, Any], g: torch.Generator,
                heartbeat=lambda: None) -> float:
     """Train ``net`` on (x in [0, 1], y): AdamW, one-cycle lr, label smoothing, ``augment``ed batches. Returns
     the mean loss of the last 50 steps."""
@@ -102,7 +102,7 @@ def fit_oracle(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: dict[st
 
 
 @torch.no_grad()
-def oracle_accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def judge_accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     device = next(net.parameters()).device
     net.eval()
     correct = 0
@@ -120,7 +120,7 @@ def _images(dataset, env: int, indices: Sequence[int], resolution: int) -> tuple
     return (torch.cat(xs) if xs else torch.zeros(0)), torch.tensor(ys, dtype=torch.long)
 
 
-def oracle_training_data(ds, train_envs, trial_seed: int, holdout_fraction: float, resolution: int):
+def judge_training_data(ds, train_envs, trial_seed: int, holdout_fraction: float, resolution: int):
     """(x, y): the images of the training domains that are in-split under every shared trial seed."""
     data = InSplitImages(ds, train_envs, trial_seed, holdout_fraction, resolution, SHARED_TRIALS)
     tensors = data.tensors()
@@ -130,7 +130,7 @@ def oracle_training_data(ds, train_envs, trial_seed: int, holdout_fraction: floa
     return tensors[0], tensors[1]
 
 
-def oracle_validation_data(ds, train_envs, trial_seed: int, holdout_fraction: float, resolution: int):
+def judge_validation_data(ds, train_envs, trial_seed: int, holdout_fraction: float, resolution: int):
     """(x, y): the union of the shared trials' out-splits of the training domains (what no shared model saw)."""
     xs, ys = [], []
     for env in train_envs:
@@ -142,37 +142,38 @@ def oracle_validation_data(ds, train_envs, trial_seed: int, holdout_fraction: fl
     return (torch.cat(xs) if xs else torch.zeros(0)), (torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long))
 
 
-def oracle_config(hparams: dict[str, Any], resolution: int, split: str) -> dict[str, Any]:
-    return {"arch": "OracleNet-v2", "width": int(hparams["og_oracle_width"]), "steps": int(hparams["og_oracle_steps"]),
-            "lr": float(hparams["og_oracle_lr"]), "batch_size": 64, "augment": True, "shift": 2,
+def judge_config(hparams: dict[str, Any], resolution: int, split: str) -> dict[str, Any]:
+    return {"arch": "JudgeNet-v2", "width": int(hparams["og_judge_width"]), "steps": int(hparams["og_judge_steps"]),
+            "lr": float(hparams["og_judge_lr"]), "batch_size": 64, "augment": True, "shift": 2,
             "label_smoothing": 0.1, "weight_decay": 5e-4, "resolution": int(resolution), "split": split}
 
 
-def oracle_classifier(context, resolution: int, hparams: dict[str, Any], guard=None, charge: bool = True):
-    """The cached oracle (trained on the training domains' in-splits only) and its store entry.
+def validity_judge(context, resolution: int, hparams: dict[str, Any], guard=None, charge: bool = True):
+    """The cached validity judge (trained on the training domains' in-splits only) and its store entry.
 
-    Trials 0-2 share one oracle, as they share the DDPM: it trains on the images in the in-split under all
+    Trials 0-2 share one judge, as they share the DDPM: it trains on the images in the in-split under all
     three seeds, and its accuracy, ``entry.info["val_acc"]``, is measured on the union of their out-splits."""
     ds, args = context.dataset, context.args
     channels = int(ds.input_shape[0])
     store_seed, split = shared_identity(args.trial_seed)
-    config = oracle_config(hparams, resolution, split)
+    config = judge_config(hparams, resolution, split)
     if config["steps"] < 1:
-        raise DfbenchError(f"og_oracle_steps must be >= 1, got {config['steps']}")
+        raise DfbenchError(f"og_judge_steps must be >= 1, got {config['steps']}")
 
     def train(net: nn.Module) -> dict[str, Any]:
-        x, y = oracle_training_data(ds, context.train_envs, args.trial_seed, args.holdout_fraction, resolution)
+        x, y = judge_training_data(ds, context.train_envs, args.trial_seed, args.holdout_fraction, resolution)
+        # seed names from before the judge was renamed: kept, so the shipped judge's command still makes its weights
         g = torch.Generator().manual_seed(seed_hash("oracle", store_seed))
-        final_loss = fit_oracle(net, x, y, config, g, context.heartbeat)
-        vx, vy = oracle_validation_data(ds, context.train_envs, args.trial_seed, args.holdout_fraction, resolution)
-        return {"val_acc": oracle_accuracy(net, vx, vy), "n_val": len(vx), "n_train": len(x), "final_loss": final_loss}
+        final_loss = fit_judge(net, x, y, config, g, context.heartbeat)
+        vx, vy = judge_validation_data(ds, context.train_envs, args.trial_seed, args.holdout_fraction, resolution)
+        return {"val_acc": judge_accuracy(net, vx, vy), "n_val": len(vx), "n_train": len(x), "final_loss": final_loss}
 
-    def build() -> nn.Module:  # seeded (the store runs it under fork_rng): the same oracle wherever it is trained
-        torch.manual_seed(seed_hash("oracle-init", store_seed))
-        return OracleNet(channels, ds.num_classes, config["width"])
+    def build() -> nn.Module:  # seeded (the store runs it under fork_rng): the same judge wherever it is trained
+        torch.manual_seed(seed_hash("oracle-init", store_seed))  # the old seed name, as in train()
+        return JudgeNet(channels, ds.num_classes, config["width"])
 
     entry = context.models.get_or_train(
-        ORACLE_KIND, dataset=ds, train_envs=context.train_envs, trial_seed=store_seed,
+        JUDGE_KIND, dataset=ds, train_envs=context.train_envs, trial_seed=store_seed,
         holdout_fraction=args.holdout_fraction, config=config, build=build,
         train=train, costs=context.costs if charge else None, made_by=context.made_by, device=context.device, guard=guard)
     return entry
@@ -182,30 +183,30 @@ def oracle_classifier(context, resolution: int, hparams: dict[str, Any], guard=N
 # The mixin
 # ------------------------------------------------------------------------------------------------
 
-def run_oracle(algorithm, context, backbone: Backbone) -> ClassifierOracle:
-    """The run's validity oracle (cached helper model; ``metric_oracle_val_acc`` records its accuracy)."""
-    cached = getattr(algorithm, "_og_oracle", None)
+def run_judge(algorithm, context, backbone: Backbone) -> ClassifierJudge:
+    """The run's validity judge (cached helper model; ``metric_judge_val_acc`` records its accuracy)."""
+    cached = getattr(algorithm, "_og_judge", None)
     if cached is None:
         hp = algorithm.hparams
-        entry = oracle_classifier(context, backbone.resolution, hp, guard=backbone.guard)
-        context.metrics.set("oracle_val_acc", entry.info.get("val_acc", float("nan")))
-        cached = ClassifierOracle(entry.module, check_threshold(hp["og_threshold"]), device=context.device,
+        entry = validity_judge(context, backbone.resolution, hp, guard=backbone.guard)
+        context.metrics.set("judge_val_acc", entry.info.get("val_acc", float("nan")))
+        cached = ClassifierJudge(entry.module, check_threshold(hp["og_threshold"]), device=context.device,
                                   preprocess=lambda x: resize(x, backbone.resolution))
         cached.key = entry.key
-        algorithm._og_oracle = cached
+        algorithm._og_judge = cached
     return cached
 
 
 def judge_generation(algorithm, context, images: torch.Tensor, labels: torch.Tensor, env: int,
                      round_name: str = "base") -> float:
-    """Judge generated images with the oracle; ``metric_invalid_rate`` = the invalid share of everything
+    """Judge generated images with the validity judge; ``metric_invalid_rate`` = the invalid share of everything
     generated for training so far (every generative method records it, guided or not)."""
     backbone = algorithm.backbone(context)
-    oracle = run_oracle(algorithm, context, backbone)
+    judge = run_judge(algorithm, context, backbone)
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     start = time.perf_counter()
-    valid = oracle(x, labels)
-    context.costs.add("og_oracle_seconds", time.perf_counter() - start)
+    valid = judge(x, labels)
+    context.costs.add("og_judge_seconds", time.perf_counter() - start)
     tally = getattr(algorithm, "_og_tally", {})
     tally[(round_name, int(env))] = (len(valid), int((~valid).sum()))
     algorithm._og_tally = tally

@@ -13,7 +13,7 @@ algebra; ``encode``/``decode`` and ``Condition.extra`` keep gradients; ``Guidanc
 cond, create_graph=False)``; ``DDIMSampler.sample/img2img(..., keep_on_device=False)`` return
 ``SampleOutput(images, nfe, seconds, latents, guidance_evals)``, the last DDIM step ending on the clean
 x0 prediction; ``LeakageGuard(dataset, domains, held_out, allow_condition=False, few_shot_target=0)``.
-``diffusion.tiny.oracle_backbone`` is an exact analytic denoiser for tests.
+``diffusion.tiny.exact_backbone`` is an exact analytic denoiser for tests.
 """
 
 from domainfusion_bench.diffusion.backbones import (

@@ -77,7 +77,7 @@ class LogDensityGuidance(GuidanceTerm):
 
 class ClassifierGuidance(LogDensityGuidance):
     """log p(y | z_t, t, cond) from a noise-aware classifier ``classifier(z_t, t, cond) -> logits``; y = the
-    condition's class ids (or ``target``, e.g. the "valid" class of an oracle-trained classifier). The
+    condition's class ids (or ``target``, e.g. the "valid" class of a classifier of the judge's labels). The
     classifier gets the condition so its answer may depend on it (validity of a sample *of a class*)."""
 
     def __init__(self, classifier: Callable, weight: float = 1.0, target: int | None = None, cache_key: str | None = None):

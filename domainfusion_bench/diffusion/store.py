@@ -1,7 +1,7 @@
 """One cached-model store for every helper model a method trains before or during a run: the pixel DDPM,
-oracle and domain classifiers, guidance networks, DiTi encoders.
+the validity judge, domain classifiers, guidance networks, DiTi encoders.
 
-    entry = context.models.get_or_train("oracle_classifier", dataset=ds, train_envs=[0, 2], trial_seed=0,
+    entry = context.models.get_or_train("validity_judge", dataset=ds, train_envs=[0, 2], trial_seed=0,
                                         holdout_fraction=0.2, config={...}, build=make_net, train=fit,
                                         costs=context.costs, made_by=context.made_by, guard=guard)
     entry.module      # trained, in eval mode, on ``device``

@@ -82,9 +82,9 @@ class _Target(torch.nn.Module):
         self.register_buffer("target", target.float().clone())
 
 
-def oracle_backbone(target: torch.Tensor | None, prediction_type: str = "epsilon", *, shape=(3, 8, 8),
-                    dataset: str = "PACS", domains=("art_painting", "cartoon", "photo", "sketch"), classes=("a", "b", "c"),
-                    num_train_timesteps: int = 1000):
+def exact_backbone(target: torch.Tensor | None, prediction_type: str = "epsilon", *, shape=(3, 8, 8),
+                   dataset: str = "PACS", domains=("art_painting", "cartoon", "photo", "sketch"), classes=("a", "b", "c"),
+                   num_train_timesteps: int = 1000):
     """A backbone that *is* the optimal denoiser of a known data distribution, for analytic tests:
 
     - ``target`` a [C, H, W] latent: the one-image dataset x0 = target, so the noise prediction on
@@ -98,8 +98,8 @@ def oracle_backbone(target: torch.Tensor | None, prediction_type: str = "epsilon
 
     from domainfusion_bench.diffusion.backbones import Backbone
 
-    class OracleBackbone(Backbone):
-        kind = "oracle"
+    class ExactBackbone(Backbone):
+        kind = "exact"
 
         def __init__(self):
             scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type,
@@ -107,7 +107,7 @@ def oracle_backbone(target: torch.Tensor | None, prediction_type: str = "epsilon
             size = tuple(shape if target is None else target.shape)
             super().__init__(dataset=dataset, domains=domains, classes=classes, image_channels=size[0],
                              resolution=size[-1], scheduler=scheduler,
-                             key=f"oracle-{'gaussian' if target is None else 'point'}-{prediction_type}")
+                             key=f"exact-{'gaussian' if target is None else 'point'}-{prediction_type}")
             self.net = _Target(torch.zeros(size) if target is None else target)
             self.gaussian = target is None
 
@@ -133,4 +133,4 @@ def oracle_backbone(target: torch.Tensor | None, prediction_type: str = "epsilon
                 eps = (z_t.float() - abar.sqrt() * x0) / (1 - abar).sqrt()
             return {"epsilon": eps, "sample": x0, "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * x0}[prediction_type]
 
-    return OracleBackbone().eval()
+    return ExactBackbone().eval()

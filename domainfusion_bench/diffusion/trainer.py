@@ -33,12 +33,12 @@ from domainfusion_bench.protocol import HOLDOUT_FRACTION, split_indices
 FORMAT = 1
 # Measured on DigitStyles v2 (32 px RGB, stencil held out, trials 0-2 shared: 676 training images), one CPU
 # thread of a busy 2-core machine: DEFAULT_MODEL at batch 32 takes 0.2-0.4 s/step, 5000 steps 920 s. Judged by
-# the validity oracle (97.9% on real out-split images), 3% of CDGA's img2img outputs (strength 0.5, 10 steps)
+# the validity judge (97.9% on real out-split images), 3% of CDGA's img2img outputs (strength 0.5, 10 steps)
 # are invalid, and 42% of pure samples at guidance 1 (10% at guidance 2); the previous default (16/32/64 on
 # 2x2 patches, 1500 cosine-decay steps) 40% and ~70%. This model ships with the package
 # (shipped_models/pixel_ddpm/, datasets/README.md), so runs with stencil held out never train it.
 DEFAULT_STEPS = 5000
-# trial seeds 0..SHARED_TRIALS-1 share the pixel DDPM and the helper models (validity oracle, TGDP's domain
+# trial seeds 0..SHARED_TRIALS-1 share the pixel DDPM and the helper models (validity judge, TGDP's domain
 # classifiers and guidance network, the DiTi encoder): each is trained once, on images in the in-split under
 # every one of those seeds, so it never sees any of their validation images
 SHARED_TRIALS = 3

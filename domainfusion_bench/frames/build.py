@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from domainfusion_bench.frames.values import (
-    ACC_KEY, KEY_COLUMNS, OVERRIDES, _args_row, _as_int, _is_number, _keep, _numbers,
+    ACC_KEY, KEY_COLUMNS, OVERRIDES, RENAMED, _args_row, _as_int, _is_number, _keep, _numbers,
 )
 
 
@@ -161,6 +161,7 @@ class _FrameBuilder:
             for rows, matrix in parts:
                 for j, key in enumerate(kept):
                     if key in self.usable:
+                        key = RENAMED.get(key, key)
                         if key not in cols:
                             cols[key] = np.full(self.n, np.nan)
                         cols[key][rows] = matrix[:, j]

@@ -15,6 +15,10 @@ from domainfusion_bench.costs import COST_PREFIX
 ACC_KEY = re.compile(r"^env(\d+)_(in|out)_acc$")
 COST_KEYS = ("wall_time", "images_per_s", "mem_gb", "step_time")
 METRIC_PREFIX = "metric_"  # a method's own numbers (training.MetricMeter)
+# record keys renamed since: older records are read under the new name (the validity judge was the "oracle")
+RENAMED = {"metric_oracle_val_acc": "metric_judge_val_acc", "cost_og_oracle_seconds": "cost_og_judge_seconds",
+           "cost_oracle_classifier_train_seconds": "cost_validity_judge_train_seconds",
+           "cost_reused_oracle_classifier_train_seconds": "cost_reused_validity_judge_train_seconds"}
 OVERRIDES = "_overrides"  # the run's hyperparameter overrides (JSON), while the frame is built
 KEY_COLUMNS = ["run", "dataset", "algorithm", "trial_seed", "hparams_seed", "test_env", "test_env2",
                "n_test_envs", "step"]

@@ -2,7 +2,7 @@
 
 Strips of the same sources and seeds (a group) stand in one grid: the source images first (img2img),
 then a row per guidance level (an +OG row: unguided, round 1, ..., the training images), each image with
-the validity oracle's judgement under it and a red frame when it judged the image invalid. Strips toward
+the validity judge's verdict under it and a red frame when it judged the image invalid. Strips toward
 a held-out domain (oracle rows) say so.
 """
 
@@ -127,6 +127,6 @@ def preview_gallery(root: str | Path, per_algorithm: int = 1, styles: dict[str, 
         return ""
     return ('<h2 id="generated">Generated images</h2>\n<p class="summary">Per run: what each generative stage '
             "made for a training domain. img2img rows show their source images first; oracle-guided rows show "
-            "the same sources and seeds unguided and at each round of guidance. Under each image the validity "
-            "oracle's judgement (red frame: invalid, i.e. the oracle does not see the intended class).</p>\n"
+            "the same sources and seeds unguided and at each round of guidance. Under each image the "
+            "validity judge's verdict (red frame: invalid, i.e. the judge does not see the intended class).</p>\n"
             + "\n".join(parts))

@@ -7,7 +7,7 @@ generated toward), ``kind`` (img2img | pure), ``guidance`` (names of the guidanc
 them), ``og`` (oracle-guided rows: "unguided", "round<k>" or "distilled", the guidance the strip was drawn
 with; else null), ``oracle_target`` (generated toward a held-out domain: an oracle row's images),
 ``group`` (strips of the same sources and seeds share one: an +OG row's unguided and guided strips),
-``valid`` (per image the validity oracle's judgement, or null when none judged them) and ``n``.
+``valid`` (per image the validity judge's verdict, or null when none judged them) and ``n``.
 Writers are the trainer (``training.setup.write_previews``); the reader is the HTML leaderboard.
 """
 

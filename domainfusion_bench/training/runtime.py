@@ -116,7 +116,7 @@ class Runtime:
             own = list(module.parameters())
             if own and not any(id(p) in trainable for p in own):
                 frozen += [f"algorithm.{prefix}.{name}".replace("..", ".") for name, _ in module.named_buffers()]
-        # frozen helper models (diffusion backbones, oracles) are neither broadcast nor all-reduced
+        # frozen helper models (diffusion backbones, validity judges) are neither broadcast nor all-reduced
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(step, frozen)
         self.ddp = self.accelerator.prepare(step)
 

@@ -1,10 +1,10 @@
 """Oracle-assisted guidance ("Don't be so negative!", Naderiparizi et al., ICML 2024).
 
-A validity oracle O(x, y) in {0, 1} says whether a generated sample is acceptable; for augmentation it
-asks whether the sample still shows its intended class y (``ClassifierOracle``: an oracle classifier's
-probability of y is at least a threshold). Each round:
+The paper's validity oracle O(x, y) in {0, 1}, here the validity judge J, says whether a generated sample is
+acceptable; for augmentation it asks whether the sample still shows its intended class y (``ClassifierJudge``:
+a classifier's probability of y is at least a threshold). Each round:
 
-1. draw samples with the current (guided) sampler and label them with O;
+1. draw samples with the current (guided) sampler and label them with J;
 2. train a **time-conditioned** validity classifier C(x_t, t[, y]) on noised copies
    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) n of a class-balanced valid/invalid set with the
    class-prior-weighted BCE  alpha * mean_valid(-log C) + (1 - alpha) * mean_invalid(-log(1 - C)),
@@ -47,9 +47,9 @@ from domainfusion_bench.diffusion.oracle_guidance.guidance import (
     ValidityGuidance,
     stack_terms,
 )
-from domainfusion_bench.diffusion.oracle_guidance.oracle import (
-    ClassifierOracle,
-    Oracle,
+from domainfusion_bench.diffusion.oracle_guidance.judge import (
+    ClassifierJudge,
+    Judge,
     check_threshold,
     invalid_rate,
 )
@@ -69,7 +69,7 @@ from domainfusion_bench.diffusion.oracle_guidance.training import (
 
 __all__ = [
     "ImageValidityClassifier", "WarmStartValidityClassifier", "PointValidityClassifier", "ValidityClassifier", "timestep_embedding",
-    "DistillConfig", "distill_stack", "ValidityGuidance", "stack_terms", "ClassifierOracle", "Oracle",
+    "DistillConfig", "distill_stack", "ValidityGuidance", "stack_terms", "ClassifierJudge", "Judge",
     "check_threshold", "invalid_rate", "Cached", "Draw", "OracleGuidanceResult", "RoundRecord", "run_rounds",
     "ClassifierTrainConfig", "noised", "prior_weighted_bce", "train_validity_classifier",
 ]

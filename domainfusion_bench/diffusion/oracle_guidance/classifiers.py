@@ -102,11 +102,11 @@ class ImageValidityClassifier(ValidityClassifier):
 
 class WarmStartValidityClassifier(ValidityClassifier):
     """A class-conditional C(x_t, t, y) that starts as a trained image classifier of clean images (the validity
-    oracle): its ``body`` (a Sequential whose ReLU/SiLU layers end the stages) with a zero-initialised time
+    judge): its ``body`` (a Sequential whose ReLU/SiLU layers end the stages) with a zero-initialised time
     embedding added per channel after each stage, and one logit per class initialised from its ``head`` (+1
-    for "no class"). At t = 0 and before training it is the oracle's logits; training on noised samples
+    for "no class"). At t = 0 and before training it is the judge's logits; training on noised samples
     teaches it the noisy images. The body must take denoiser-space tensors as they are (a pixel model's
-    [-1, 1] images: what the oracle's forward feeds its body).
+    [-1, 1] images: what the judge's forward feeds its body).
 
     Why: trained from scratch in a few hundred steps on one draw, a small CNN stays at chance on DigitStyles'
     digit classes even at t = 50 (measured: 15%), so its gradient carries nothing to guide by."""

@@ -10,7 +10,7 @@ import torch
 from domainfusion_bench.diffusion.oracle_guidance.classifiers import ValidityClassifier
 from domainfusion_bench.diffusion.oracle_guidance.distill import DistillConfig, distill_stack
 from domainfusion_bench.diffusion.oracle_guidance.guidance import ValidityGuidance, stack_terms
-from domainfusion_bench.diffusion.oracle_guidance.oracle import Oracle
+from domainfusion_bench.diffusion.oracle_guidance.judge import Judge
 from domainfusion_bench.diffusion.oracle_guidance.training import ClassifierTrainConfig, train_validity_classifier
 from domainfusion_bench.diffusion.samplers import GuidanceTerm
 from domainfusion_bench.errors import DfbenchError
@@ -59,20 +59,20 @@ def _uncached(kind, index, build, train):
     return module, train(module)
 
 
-def counterfactual_pairs(images: torch.Tensor, x0: torch.Tensor, labels: torch.Tensor, oracle: Oracle,
+def counterfactual_pairs(images: torch.Tensor, x0: torch.Tensor, labels: torch.Tensor, judge: Judge,
                          num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every drawn image paired with every class y, each pair judged by the oracle: (x0, y, O(x, y)).
+    """Every drawn image paired with every class y, each pair judged by the validity judge: (x0, y, J(x, y)).
 
-    A class-conditional oracle answers for any intended class, so one draw of N images gives N x K
+    A class-conditional judge answers for any intended class, so one draw of N images gives N x K
     labelled pairs: the pairs with another class are (mostly) invalid ones, which a draw that is 97%
     valid cannot supply (5 invalid images in 256 leave C at the prior, with no gradient to guide by)."""
     n = len(images)
     classes = torch.arange(num_classes).repeat_interleave(n)
-    valid = torch.as_tensor(oracle(images.repeat(num_classes, *[1] * (images.dim() - 1)), classes), dtype=torch.bool)
+    valid = torch.as_tensor(judge(images.repeat(num_classes, *[1] * (images.dim() - 1)), classes), dtype=torch.bool)
     return x0.repeat(num_classes, *[1] * (x0.dim() - 1)), classes, valid.cpu()
 
 
-def run_rounds(draw: Draw, oracle: Oracle, encode: Callable[[torch.Tensor], torch.Tensor],
+def run_rounds(draw: Draw, judge: Judge, encode: Callable[[torch.Tensor], torch.Tensor],
                new_classifier: Callable[[int], ValidityClassifier], rounds: int, weight: float = 1.0, *,
                alphas_cumprod: torch.Tensor, train_config: ClassifierTrainConfig = ClassifierTrainConfig(),
                distill: bool = False, distill_config: DistillConfig = DistillConfig(), measure_last: bool = True,
@@ -80,7 +80,7 @@ def run_rounds(draw: Draw, oracle: Oracle, encode: Callable[[torch.Tensor], torc
                name: str = "og", counterfactual: bool = False) -> OracleGuidanceResult:
     """Rounds of oracle-assisted guidance around any sampler.
 
-    ``draw(terms, name) -> (images, labels)`` samples with the guidance ``terms``; ``oracle(images,
+    ``draw(terms, name) -> (images, labels)`` samples with the guidance ``terms``; ``judge(images,
     labels)`` labels validity; ``encode(images)`` maps them to the denoiser space where C works;
     ``new_classifier(k)`` builds an untrained network (k = 0: the distilled one).
 
@@ -95,7 +95,7 @@ def run_rounds(draw: Draw, oracle: Oracle, encode: Callable[[torch.Tensor], torc
     measurements (``n_samples``/``n_invalid`` per measured name) that make the records.
 
     ``counterfactual`` (class-conditional classifiers only): train and distil on every (image, class) pair
-    the oracle judged (``counterfactual_pairs``), with alpha still the draw's own valid fraction; the
+    the judge labelled (``counterfactual_pairs``), with alpha still the draw's own valid fraction; the
     records always count the draw's intended classes.
     """
     if rounds < 0:
@@ -109,7 +109,7 @@ def run_rounds(draw: Draw, oracle: Oracle, encode: Callable[[torch.Tensor], torc
     def measure(terms, label) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         nonlocal drawn
         images, labels = draw(terms, label)
-        valid = torch.as_tensor(oracle(images, labels), dtype=torch.bool).cpu()
+        valid = torch.as_tensor(judge(images, labels), dtype=torch.bool).cpu()
         drawn += len(images)
         x0 = encode(images).detach().float().cpu()
         labels = torch.as_tensor(labels, dtype=torch.long).cpu()
@@ -120,7 +120,7 @@ def run_rounds(draw: Draw, oracle: Oracle, encode: Callable[[torch.Tensor], torc
         """What a classifier learns from: the draw, or all its (image, class) pairs (``counterfactual``)."""
         if not (counterfactual and num_classes):
             return x0, labels, valid
-        return counterfactual_pairs(pool[label][2], x0, labels, oracle, num_classes)
+        return counterfactual_pairs(pool[label][2], x0, labels, judge, num_classes)
 
     def counts(label, valid) -> dict[str, Any]:
         return {"measured": {label: {"n_samples": len(valid), "n_invalid": int((~valid).sum())}}}

@@ -93,7 +93,7 @@ def train_validity_classifier(classifier: ValidityClassifier, x0: torch.Tensor, 
     n_valid, n_invalid = int(valid.sum()), int((~valid).sum())
     if n_valid == 0 or n_invalid == 0:
         raise DfbenchError(f"a validity classifier needs valid and invalid samples; got {n_valid} valid and "
-                           f"{n_invalid} invalid (draw more samples per round, or change the oracle threshold)")
+                           f"{n_invalid} invalid (draw more samples per round, or change the judge's og_threshold)")
     alpha = n_valid / len(valid) if alpha is None else float(alpha)
     weight = alpha if config.prior_weighting else 0.5
     if not 0.0 < weight < 1.0:

@@ -1,4 +1,5 @@
-"""The validity oracle O(x, y): an oracle classifier's probability of the intended class against a threshold."""
+"""The validity judge J(x, y) (the paper's validity oracle O(x, y)): a classifier's probability of the intended
+class against a threshold."""
 
 from __future__ import annotations
 
@@ -8,18 +9,18 @@ import torch
 
 from domainfusion_bench.errors import DfbenchError
 
-Oracle = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, intended labels) -> bool [B] valid
+Judge = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, intended labels) -> bool [B] valid
 
 
 def check_threshold(threshold: float) -> float:
     if not 0.0 < float(threshold) < 1.0:
-        raise DfbenchError(f"oracle threshold must be in (0, 1) (the oracle's probability of the intended class "
+        raise DfbenchError(f"validity judge threshold must be in (0, 1) (the judge's probability of the intended class "
                            f"that makes a sample valid), got {threshold}")
     return float(threshold)
 
 
-class ClassifierOracle:
-    """Validity rule: a sample is valid when the oracle classifier's softmax probability of its intended
+class ClassifierJudge:
+    """Validity rule: a sample is valid when the judging classifier's softmax probability of its intended
     class is at least ``threshold`` (0.5 by default: the class is recognised, clearly).
 
     ``classifier(x) -> logits [B, num_classes]`` takes what ``preprocess(images)`` makes of the images
@@ -37,10 +38,10 @@ class ClassifierOracle:
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """p_oracle(intended label | image), [B] on CPU."""
+        """p_judge(intended label | image), [B] on CPU."""
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
         if len(labels) != len(images):
-            raise DfbenchError(f"oracle got {len(images)} images and {len(labels)} labels")
+            raise DfbenchError(f"validity judge got {len(images)} images and {len(labels)} labels")
         out = []
         for start in range(0, len(images), self.batch_size):
             x = images[start:start + self.batch_size]

@@ -74,3 +74,23 @@ def test_balanced_batches_draw_every_domain_equally_often():
     assert abs((domains == 3).float().mean().item() - 0.5) < 0.05
     plain = torch.cat([next(b)[2] for b in [_batches(data, cfg, 0)] for _ in range(400)])
     assert abs((plain == 3).float().mean().item() - 0.2) < 0.05
+
+
+def test_an_oracle_row_still_never_takes_a_cached_image_made_from_a_held_out_source(models, tmp_path):
+    """The oracle guard lets a model that saw the held-out out-split through; a cached image made *from* a
+    held-out image (here: a tampered manifest) is still refused."""
+    from domainfusion_bench.diffusion import DDIMSampler, GenerationCache, Request, SamplerConfig
+    from domainfusion_bench.diffusion.cache import MANIFEST
+
+    _, oracles = models
+    backbone = oracles[0].backbone
+    sampler = DDIMSampler(backbone, SamplerConfig(steps=2))
+    x = torch.rand(1, 3, 16, 16)
+    request = [Request(class_id=0, domains={3: 1.0}, seed=1, source=x[0], source_domain=0)]
+    cache = GenerationCache(tmp_path / "gen")
+    cache.img2img(sampler, request, 0.5, progress=False)
+    manifest = tmp_path / "gen" / MANIFEST
+    entries = [json.loads(line) for line in manifest.read_text().splitlines()]
+    manifest.write_text("".join(json.dumps({**e, "source_domain": 3}) + "\n" for e in entries))
+    with pytest.raises(DfbenchError, match="generate from images of held-out domain 'z'"):
+        GenerationCache(tmp_path / "gen").img2img(sampler, request, 0.5, progress=False)

@@ -215,8 +215,9 @@ class GenerationCache:
                 k = keys[i]
                 if results[i] is None and k is not None and k in entries and (self.root / entries[k]["file"]).exists():
                     entry = entries[k]
-                    guard.check_seen(entry["backbone_seen"] + ([entry["source_domain"]] if entry["source_domain"] is not None else []),
-                                     f"cached image {k[:12]}")
+                    guard.check_seen(entry["backbone_seen"], f"cached image {k[:12]}")
+                    if entry["source_domain"] is not None:  # a source check even for oracle rows (check_seen is not)
+                        guard.check_sources([entry["source_domain"]])
                     if not guard.allow_condition:
                         guard.check_seen(entry["condition_domains"], f"cached image {k[:12]} (its condition)")
                     results[i] = self.load_image_uint8(entry)

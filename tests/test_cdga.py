@@ -144,6 +144,9 @@ def test_the_oracle_pays_for_its_own_generator_and_the_base_ddpm_once(cdga_runs)
     assert "cost_reused_oracle_diffusion_train_seconds" not in oracle
     assert oracle["cost_reused_generated_images"] == 0  # another generator: nothing of CDGA's is reused
     assert oracle["cost_generated_images"] == cdga["cost_generated_images"] * 3 / 2  # + toward the held-out domain
+    # CDGA's 2 NFEs per img2img image, and per image toward the held-out domain a full 10-step trajectory
+    # from noise at CFG 2 (two denoiser calls a step)
+    assert oracle["cost_nfe"] == cdga["cost_nfe"] + 10 * 2 * cdga["cost_generated_images"] / 2
 
 
 def test_cli_diffusion_train_trains_then_finds_the_model(tmp_path, capsys):

@@ -163,11 +163,17 @@ def check_value(name: str, default: Any, value: Any, where: str) -> None:
         raise fail(_describe(bounds))
 
 
+# hyperparameters renamed when the validity classifier became the "validity judge" (oracle = held-out only)
+RENAMED = {"og_oracle_width": "og_judge_width", "og_oracle_steps": "og_judge_steps", "og_oracle_lr": "og_judge_lr"}
+
+
 def apply_overrides(hparams: dict[str, Any], overrides: Mapping[str, Any], where: str) -> dict[str, Any]:
     unknown = sorted(set(overrides) - set(hparams))
     if unknown:
+        renamed = [f"{k} is now {RENAMED[k]}" for k in unknown if RENAMED.get(k) in hparams]
+        hint = f" ({'; '.join(renamed)})" if renamed else ""
         raise DfbenchError(
-            f"unknown hyperparameter(s) {', '.join(unknown)} for {where}. Known: {', '.join(sorted(hparams))}."
+            f"unknown hyperparameter(s) {', '.join(unknown)} for {where}{hint}. Known: {', '.join(sorted(hparams))}."
         )
     merged = dict(hparams)
     for name, value in overrides.items():

@@ -28,6 +28,8 @@ BAD = {
     "train hparams not JSON": ([*TRAIN, "--hparams", "{lr: 1}"], "not valid JSON"),
     "train hparams not an object": ([*TRAIN, "--hparams", "[1, 2]"], "must be a JSON object"),
     "train unknown hparam": (_hp({"lrr": 0.1}), "unknown hyperparameter(s) lrr"),
+    "train renamed hparam": ([*TRAIN, "--algorithm", "CDGA", "--hparams", '{"og_oracle_steps": 5}'],
+                             "og_oracle_steps is now og_judge_steps"),
     "train lr a string": (_hp({"lr": "fast"}), "lr for ERM on RotatedDigits must be a number"),
     "train lr negative": (_hp({"lr": -0.1}), "lr for ERM on RotatedDigits must be > 0"),
     "train lr zero": (_hp({"lr": 0}), "must be > 0"),

@@ -135,6 +135,7 @@ def test_shipped_specs_are_valid():
     ("- RotatedDigits\n", "a sweep spec is a mapping"),
     ("datasets: [RotatedDigits]\n", "'algorithms' is required"),
     ("datasets: [RotatedDigits]\nalgorithms: [ERM]\nhparams: {lrr: 0.1}\n", "unknown hyperparameter 'lrr'"),
+    ("datasets: [DigitStyles]\nalgorithms: [CDGA]\nhparams: {og_oracle_steps: 5}\n", "Did you mean 'og_judge_steps'"),
     ("datasets: [RotatedDigits]\nalgorithms: [ERM]\nn_hparams: 0\n", "n_hparams must be an integer >= 1"),
     ("datasets: [RotatedDigits]\nalgorithms: [ERM]\nn_hparams: 3\nn_hparams_from: 3\n", "must be above n_hparams_from"),
     ("datasets: [RotatedDigits]\nalgorithms: [ERM]\ngrid: {lr: 0.1}\n", "grid.lr must be a non-empty list"),

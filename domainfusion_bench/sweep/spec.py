@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from domainfusion_bench.errors import DfbenchError
-from domainfusion_bench.hparams import check_train_args, check_value
+from domainfusion_bench.hparams import RENAMED, check_train_args, check_value
 from domainfusion_bench.paths import DEFAULT_DATA_DIR
 from domainfusion_bench.protocol import HOLDOUT_FRACTION
 from domainfusion_bench.sweep.spec_file import read_spec_file
@@ -317,7 +317,7 @@ def _check_hparams(spec: SweepSpec, fail) -> None:
     for key, values in (("hparams", spec.hparams), ("grid", spec.grid)):
         for name in values:
             if name not in known and len(registered) == len(spec.algorithms):
-                close = difflib.get_close_matches(name, known, n=1)
+                close = [RENAMED[name]] if name in RENAMED else difflib.get_close_matches(name, known, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise fail(
                     f"{key}: unknown hyperparameter {name!r} (no registered algorithm has it).{hint} "
